@@ -1,0 +1,178 @@
+"""The ``xray`` command: train, inspect runs, write the demo dataset.
+
+Every user error ends as one line on stderr and exit code 2; the full
+traceback of an unexpected failure goes to the run's log, not the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from xray.config import DEFAULT_CONFIG_PATH, load_config
+from xray.errors import XrayError
+
+logger = logging.getLogger("xray")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return args.handler(args)
+    except XrayError as exc:
+        print(f"xray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xray: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xray", description="Chest X-ray classifier pipeline: train, audit, serve.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run the whole pipeline and print the run id")
+    train.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG_PATH} if present)")
+    train.add_argument("--data", default=None, help="dataset URI: demo, a folder, an .npz, or s3://bucket/prefix")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable), e.g. --set trainer.epochs=5")
+    train.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    train.set_defaults(handler=cmd_train)
+
+    runs = sub.add_parser("runs", help="list, show and verify runs")
+    runs.add_argument("--artifacts", default=None, help="artifacts root (default: from config, else ./artifacts)")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    runs_sub.add_parser("list", help="one line per run").set_defaults(handler=cmd_runs_list)
+    show = runs_sub.add_parser("show", help="a run's manifest, metrics and chosen model")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_runs_show)
+    verify = runs_sub.add_parser("verify", help="re-hash every file a run records")
+    verify.add_argument("run_id")
+    verify.set_defaults(handler=cmd_runs_verify)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    demo = data_sub.add_parser("demo", help="write the synthetic demo dataset (phantoms, not real patients)")
+    demo.add_argument("out")
+    demo.add_argument("--per-class", type=int, default=100)
+    demo.set_defaults(handler=cmd_data_demo)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from xray.pipeline.training_pipeline import run_pipeline
+
+    config_path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
+    config = load_config(config_path, args.overrides, data_uri=args.data)
+    result = run_pipeline(config, run_id=args.run_id)
+    print(f"run {result.run_id}: {result.status}")
+    if result.status != "succeeded":
+        print(f"xray: error: {result.reason}", file=sys.stderr)
+        return 2
+    print(format_summary(result.summary))
+    print(f"artifacts: {result.run_path}")
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'candidate':<14} {'val AUC':>8} {'val acc':>8} {'test AUC':>9} {'test acc':>9}"]
+    for name, m in summary.get("candidates", {}).items():
+        mark = "  <- chosen" if name == summary.get("best_candidate") else ""
+        lines.append(
+            f"{name:<14} {m['validation']['roc_auc']:>8.4f} {m['validation']['accuracy']:>8.4f} "
+            f"{m['test']['roc_auc']:>9.4f} {m['test']['accuracy']:>9.4f}{mark}"
+        )
+    if summary.get("pushed") is not None:
+        verdict = f"pushed as {summary['model_tag']}" if summary["pushed"] else "not pushed"
+        lines.append(f"model: {verdict}" + (f" ({'; '.join(summary['push_reasons'])})" if summary["push_reasons"] else ""))
+    return "\n".join(lines)
+
+
+def _artifacts_root(args: argparse.Namespace) -> Path:
+    if args.artifacts:
+        return Path(args.artifacts)
+    if DEFAULT_CONFIG_PATH.is_file():
+        return Path(load_config(DEFAULT_CONFIG_PATH).artifacts_dir)
+    return Path("artifacts")
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    from xray.store import list_runs
+
+    runs = list_runs(_artifacts_root(args))
+    if not runs:
+        print("no runs")
+        return 0
+    print(f"{'run id':<28} {'status':<10} {'best':<12} {'val AUC':>8} {'test acc':>9}  data")
+    for m in runs:
+        best = m.summary.get("best_candidate") or "-"
+        metrics = m.summary.get("candidates", {}).get(best, {})
+        auc = f"{metrics['validation']['roc_auc']:.4f}" if metrics else "-"
+        acc = f"{metrics['test']['accuracy']:.4f}" if metrics else "-"
+        print(f"{m.run_id:<28} {m.status:<10} {best:<12} {auc:>8} {acc:>9}  {m.data_uri}")
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    from xray.reports import run_report
+
+    report = run_report(_artifacts_root(args), args.run_id)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"run {report['run_id']}: {report['status']}" + (f" ({report['reason']})" if report["reason"] else ""))
+    print(f"data: {report['data_uri']}   started {report['created_at']}   finished {report['finished_at']}")
+    code = report["code"]
+    print(f"code: {code.get('git_commit') or 'no git'}{' (dirty)' if code.get('git_dirty') else ''}")
+    for stage, record in report["stages"].items():
+        cached = f", reused from {record['cached_from']}" if record.get("cached_from") else ""
+        print(f"  {stage:<20} {record['status']:<10} {record.get('artifact_id') or '':<34}{cached}")
+    if report["candidates"]:
+        print(format_summary({"candidates": report["candidates"], "best_candidate": report["chosen_model"],
+                              **({k: report[k] for k in ("pushed", "model_tag", "push_reasons")})}))
+    return 0
+
+
+def cmd_runs_verify(args: argparse.Namespace) -> int:
+    from xray.store import verify_run
+
+    problems, checked = verify_run(_artifacts_root(args), args.run_id)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"run {args.run_id}: {len(problems)} problem(s) in {checked} recorded files", file=sys.stderr)
+        return 1
+    print(f"run {args.run_id}: all {checked} recorded files match their sha256")
+    return 0
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    from xray.demo_data import generate_demo_dataset
+
+    counts = generate_demo_dataset(Path(args.out), images_per_class=args.per_class)
+    print(f"wrote {sum(counts.values())} synthetic images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL", "bentoml"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Stage 1: take a dataset snapshot from a URI, validate it, record exactly what was taken.
+
+Sources: ``demo`` (synthetic phantoms, generated into the run), a local folder
+(``CLASS/…`` or ``train|val|test/CLASS/…``), a MedMNIST-style ``.npz``, or
+``s3://bucket/prefix`` (mirrored incrementally, then hard-linked into the run
+so the snapshot cannot change under it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, SourceObject, UnreadableFile
+from xray.entity.config_entity import PipelineConfig
+from xray.errors import DataError
+from xray.preprocessing import IMAGE_SUFFIXES, ImageDecodeError, open_image
+from xray.store import RunDir, fingerprint, new_header, sha256_file
+
+logger = logging.getLogger(__name__)
+
+STAGE = "data_ingestion"
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+NPZ_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    split: str  # train | val | test, or "all" when the source gives no split
+    label: str
+    ref: str  # path relative to the dataset root, or "split:index" inside an .npz
+    sha256: str
+
+
+def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArtifact:
+    uri = config.data_uri.strip()
+    out = run_dir.stage_dir(STAGE)
+    s3_objects: tuple[SourceObject, ...] = ()
+    if uri == "demo":
+        from xray.demo_data import generate_demo_dataset
+
+        root = out / "snapshot"
+        generate_demo_dataset(root, images_per_class=config.ingestion.demo_images_per_class)
+        kind, dataset_path = "demo", run_dir.relative(root)
+    elif uri.startswith("s3://"):
+        root, s3_objects = _snapshot_s3(uri, config, run_dir, out)
+        kind, dataset_path = "s3", run_dir.relative(root)
+    else:
+        root = Path(uri).expanduser()
+        if not root.exists():
+            raise DataError(f"data source not found: {uri}")
+        root = root.resolve()
+        kind = "npz" if root.is_file() else "folder"
+        dataset_path = str(root)
+        if kind == "npz" and root.suffix != ".npz":
+            raise DataError(f"{uri} is a file but not an .npz archive")
+
+    if kind == "npz":
+        items, class_names, unreadable = _scan_npz(root, config.ingestion.class_names)
+    else:
+        items, class_names, unreadable = _scan_folder(root)
+
+    counts = _counts(items)
+    _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
+    duplicates = _duplicate_groups(items)
+    leakage = tuple(g for g in duplicates if len(set(g.splits)) > 1)
+    if leakage:
+        message = (
+            f"{len(leakage)} image(s) appear in more than one split (exact duplicates), e.g. "
+            f"{', '.join(leakage[0].items[:2])}"
+        )
+        if config.ingestion.leakage == "fail":
+            raise DataError(f"leakage: {message} (set ingestion.leakage=warn to continue)")
+        logger.warning("leakage: %s", message)
+    if unreadable:
+        logger.warning("%d unreadable file(s) excluded, e.g. %s: %s", len(unreadable), unreadable[0].path, unreadable[0].reason)
+
+    index_file = out / "items.jsonl"
+    with open(index_file, "w") as fh:
+        for item in items:
+            fh.write(json.dumps({"split": item.split, "label": item.label, "ref": item.ref, "sha256": item.sha256}) + "\n")
+    data_fp = hashlib.sha256(
+        "\n".join(sorted(f"{i.split}\t{i.label}\t{i.sha256}" for i in items)).encode()
+    ).hexdigest()
+    params = {"leakage": config.ingestion.leakage, "min": config.ingestion.min_images_per_class, "names": class_names}
+    fp = fingerprint(STAGE, params, [data_fp], code)
+    files = [index_file]
+    if kind in ("demo", "s3"):
+        files += [p for p in (run_dir.path / dataset_path).rglob("*") if p.is_file()]
+    splits_given = tuple(s for s in ("train", "val", "test") if s in counts)
+    logger.info(
+        "ingested %d images in %d classes from %s (%s); splits given: %s",
+        len(items), len(class_names), uri, kind, ", ".join(splits_given) or "none",
+    )
+    return DataIngestionArtifact(
+        header=new_header(run_dir, DataIngestionArtifact, STAGE, fp, files=files),
+        source_uri=uri,
+        source_kind=kind,
+        dataset_path=dataset_path,
+        class_names=tuple(class_names),
+        splits_given=splits_given,
+        counts=counts,
+        num_images=len(items),
+        data_fingerprint=data_fp,
+        index_file=run_dir.relative(index_file),
+        unreadable=tuple(unreadable),
+        duplicates=duplicates,
+        leakage=leakage,
+        s3_objects=s3_objects,
+    )
+
+
+def read_items(run_path: Path, artifact: DataIngestionArtifact) -> list[Item]:
+    with open(run_path / artifact.index_file) as fh:
+        return [Item(**json.loads(line)) for line in fh if line.strip()]
+
+
+def dataset_root(run_path: Path, artifact: DataIngestionArtifact) -> Path:
+    path = Path(artifact.dataset_path)
+    return path if path.is_absolute() else run_path / path
+
+
+# ------------------------------------------------------------------ folders
+
+
+def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile]]:
+    top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not top:
+        raise DataError(f"{root} holds no class folders (expected CLASS/… or train/CLASS/…)")
+    split_layout = all(p.name.lower() in SPLIT_NAMES for p in top)
+    if split_layout and not any(SPLIT_NAMES[p.name.lower()] == "train" for p in top):
+        raise DataError(f"{root} has split folders but no train/ folder")
+    candidates: list[tuple[str, str, Path]] = []  # split, label, path
+    for split_dir in top if split_layout else [root]:
+        split = SPLIT_NAMES[split_dir.name.lower()] if split_layout else "all"
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for path in sorted(class_dir.rglob("*")):
+                if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
+                    candidates.append((split, class_dir.name, path))
+    if not candidates:
+        raise DataError(f"{root} holds no PNG or JPEG images")
+
+    def check(entry: tuple[str, str, Path]) -> Item | UnreadableFile:
+        split, label, path = entry
+        ref = path.relative_to(root).as_posix()
+        try:
+            open_image(path, draft_size=64)
+        except ImageDecodeError as exc:
+            return UnreadableFile(path=ref, reason=str(exc))
+        return Item(split=split, label=label, ref=ref, sha256=sha256_file(path))
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        results = list(tqdm(pool.map(check, candidates), total=len(candidates), desc="validate", unit="img", leave=False, disable=None))
+    items = [r for r in results if isinstance(r, Item)]
+    unreadable = [r for r in results if isinstance(r, UnreadableFile)]
+    class_names = sorted({i.label for i in items} | {label for _, label, _ in candidates})
+    return items, class_names, unreadable
+
+
+# ------------------------------------------------------------------ .npz
+
+
+def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str], list[UnreadableFile]]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable .npz archive: {exc}") from None
+    with archive:
+        keys = set(archive.files)
+        if "train_images" not in keys or "train_labels" not in keys:
+            raise DataError(f"{path} lacks train_images/train_labels (has: {', '.join(sorted(keys)) or 'nothing'})")
+        label_values: set[int] = set()
+        per_split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for split in NPZ_SPLITS:
+            if f"{split}_images" not in keys and f"{split}_labels" not in keys:
+                continue
+            if f"{split}_images" not in keys or f"{split}_labels" not in keys:
+                raise DataError(f"{path}: {split}_images and {split}_labels must come together")
+            images, labels = load_npz_split(archive, split)
+            if len(images) != len(labels):
+                raise DataError(f"{path}: {split}_images has {len(images)} entries but {split}_labels has {len(labels)}")
+            per_split[split] = (images, labels)
+            label_values |= set(labels.tolist())
+        stored_names = tuple(str(n) for n in archive["class_names"].tolist()) if "class_names" in keys else ()
+    if min(label_values) < 0:
+        raise DataError(f"{path}: labels must be non-negative integers")
+    count = max(label_values) + 1
+    class_names = list(names or stored_names or tuple(f"class_{i}" for i in range(count)))
+    if len(class_names) < count:
+        raise DataError(f"{path}: labels go up to {count - 1} but only {len(class_names)} class names are given")
+    items = []
+    for split, (images, labels) in per_split.items():
+        for index in range(len(images)):
+            digest = hashlib.sha256(np.ascontiguousarray(images[index]).tobytes()).hexdigest()
+            items.append(Item(split=split, label=class_names[int(labels[index])], ref=f"{split}:{index}", sha256=digest))
+    return items, class_names, []
+
+
+def load_npz_split(archive: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images = archive[f"{split}_images"]
+    labels = np.asarray(archive[f"{split}_labels"])
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise DataError(f"{split}_images must be N×H×W or N×H×W×3, got shape {images.shape}")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{split}_labels must be N or N×1 integers, got shape {labels.shape} {labels.dtype}")
+    return images, labels.astype(np.int64)
+
+
+# ------------------------------------------------------------------ S3
+
+
+def _snapshot_s3(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, tuple[SourceObject, ...]]:
+    from xray.sources.s3 import S3Settings, parse_s3_uri, sync_prefix
+
+    s3 = config.ingestion.s3
+    settings = S3Settings(
+        endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile,
+        max_concurrency=s3.max_concurrency, max_attempts=s3.max_attempts,
+    )
+    bucket, prefix = parse_s3_uri(uri)
+    mirror = run_dir.root / ".s3-mirror" / bucket / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    records = sync_prefix(uri, mirror, settings)
+    snapshot = out / "snapshot"
+    for record in records:
+        dest = snapshot / record.relative_path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(mirror / record.relative_path, dest)
+        except OSError:
+            shutil.copy2(mirror / record.relative_path, dest)
+    objects = tuple(SourceObject(key=r.key, size=r.size, etag=r.etag, sha256=r.sha256) for r in records)
+    return snapshot, objects
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _counts(items: list[Item]) -> dict[str, dict[str, int]]:
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for item in items:
+        counts[item.split][item.label] += 1
+    return {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}
+
+
+def _check_classes(counts: dict[str, dict[str, int]], class_names: list[str], minimum: int, uri: str) -> None:
+    totals: Counter[str] = Counter()
+    for per_class in counts.values():
+        totals.update(per_class)
+    if not totals:
+        raise DataError(f"{uri}: no readable images")
+    present = [c for c in class_names if totals[c] > 0]
+    if len(present) < 2:
+        raise DataError(f"{uri}: only one class ({present[0] if present else '-'}); a classifier needs at least two")
+    small = {c: totals[c] for c in class_names if totals[c] < minimum}
+    if small:
+        listing = ", ".join(f"{c} ({n})" for c, n in small.items())
+        raise DataError(f"{uri}: too few images in class {listing}; at least {minimum} needed (ingestion.min_images_per_class)")
+    if "train" in counts:
+        missing = [c for c in class_names if counts["train"].get(c, 0) == 0]
+        if missing:
+            raise DataError(f"{uri}: class {', '.join(missing)} has no training images")
+
+
+def _duplicate_groups(items: list[Item]) -> tuple[DuplicateGroup, ...]:
+    by_hash: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        by_hash[item.sha256].append(item)
+    return tuple(
+        DuplicateGroup(
+            sha256=digest,
+            items=tuple(f"{i.split}/{i.ref}" for i in group),
+            splits=tuple(i.split for i in group),
+            labels=tuple(i.label for i in group),
+        )
+        for digest, group in sorted(by_hash.items())
+        if len(group) > 1
+    )

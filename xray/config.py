@@ -1,0 +1,128 @@
+"""Load the pipeline config: YAML file, then ``--set section.key=value`` overrides.
+
+The resolved config is what a run records, so validation happens here, once,
+before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from xray.entity.config_entity import PipelineConfig
+from xray.errors import ConfigError
+from xray.typed import SchemaError, from_mapping, to_jsonable
+
+DEFAULT_CONFIG_PATH = Path("config/pipeline.yaml")
+
+CANDIDATES = ("simple_cnn", "densenet121", "densenet169", "densenet201")
+_CHOICES = {
+    "ingestion.leakage": ("warn", "fail"),
+    "trainer.scheduler": ("cosine", "plateau"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.monitor": ("roc_auc", "accuracy", "loss"),
+    "trainer.cv_final_model": ("retrain", "best_fold"),
+    "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),
+}
+
+
+def load_config(
+    path: Path | str | None = None,
+    overrides: Iterable[str] = (),
+    data_uri: str | None = None,
+) -> PipelineConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    if data_uri is not None:
+        raw["data_uri"] = data_uri
+    return config_from_mapping(raw)
+
+
+def config_from_mapping(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        config = from_mapping(PipelineConfig, raw)
+    except SchemaError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    validate(config)
+    return config
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` to nested ``raw``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, _, text = item.partition("=")
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {item!r} names no key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def config_to_dict(config: PipelineConfig) -> dict[str, Any]:
+    return to_jsonable(config)
+
+
+def validate(config: PipelineConfig) -> None:
+    flat = _flatten(config_to_dict(config))
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"config: {key} must be one of {', '.join(allowed)}, got {flat[key]!r}")
+    trainer = config.trainer
+    if not trainer.candidates:
+        raise ConfigError("config: trainer.candidates is empty")
+    for name in trainer.candidates:
+        if name not in CANDIDATES:
+            raise ConfigError(f"config: unknown candidate {name!r} (known: {', '.join(CANDIDATES)})")
+    if len(set(trainer.candidates)) != len(trainer.candidates):
+        raise ConfigError("config: trainer.candidates lists a model twice")
+    positive = {
+        "trainer.epochs": trainer.epochs,
+        "trainer.batch_size": trainer.batch_size,
+        "transformation.image_size": config.transformation.image_size,
+        "ingestion.min_images_per_class": config.ingestion.min_images_per_class,
+        "trainer.learning_rate": trainer.learning_rate,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config: {key} must be positive, got {value}")
+    if not 16 <= config.transformation.image_size <= 1024:
+        raise ConfigError("config: transformation.image_size must be between 16 and 1024")
+    t = config.transformation
+    if not (0 < t.val_fraction < 1 and 0 < t.test_fraction < 1 and t.val_fraction + t.test_fraction < 0.9):
+        raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")
+    if trainer.cv_folds == 1 or trainer.cv_folds < 0:
+        raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

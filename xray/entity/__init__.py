@@ -1,0 +1,1 @@
+"""Typed configuration and artifact records: the fixed schema every stage speaks."""

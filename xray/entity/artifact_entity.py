@@ -1,0 +1,185 @@
+"""The artifacts each stage emits: a fixed schema, saved as JSON beside its files.
+
+Every artifact carries who made it, from what (``parents``: lineage by id),
+the fingerprint that makes it reusable, and a sha256 for each file it names,
+so an auditor can check a run without trusting the code that wrote it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to the run directory
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ArtifactHeader:
+    artifact_type: str
+    artifact_id: str
+    producer: str  # the stage that made it
+    run_id: str  # the run that computed it (differs from the reader's run when reused from cache)
+    created_at: str
+    fingerprint: str
+    parents: tuple[str, ...] = ()
+    files: tuple[FileRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class UnreadableFile:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    sha256: str
+    items: tuple[str, ...]  # "split/relative-path" of each copy
+    splits: tuple[str, ...]
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    key: str
+    size: int
+    etag: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DataIngestionArtifact:
+    header: ArtifactHeader
+    source_uri: str
+    source_kind: str  # folder | npz | s3 | demo
+    dataset_path: str  # what transformation reads: a folder or .npz (absolute, or relative to the run dir)
+    class_names: tuple[str, ...]
+    splits_given: tuple[str, ...]  # splits the source itself defines, e.g. ("train", "test")
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    num_images: int
+    data_fingerprint: str  # sha256 over every item's (split, label, content hash)
+    index_file: str  # items.jsonl: one line per image: split, label, path/index, sha256
+    unreadable: tuple[UnreadableFile, ...] = ()
+    duplicates: tuple[DuplicateGroup, ...] = ()
+    leakage: tuple[DuplicateGroup, ...] = ()  # duplicates that sit in different source splits
+    s3_objects: tuple[SourceObject, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataTransformationArtifact:
+    header: ArtifactHeader
+    class_names: tuple[str, ...]
+    image_size: int
+    channels: int
+    split_strategy: str  # "source" or "stratified(seed=…, val=…, test=…)"
+    counts: dict[str, dict[str, int]]
+    arrays: dict[str, str]  # "train_x" -> run-relative path of an .npy (uint8 N×H×W), "train_y" -> labels
+    normalization: dict[str, float]  # mean, std applied after scaling to [0, 1]
+    augmentation: dict[str, float | bool]  # train-only, applied on the fly per batch
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_roc_auc: float
+    learning_rate: float
+    seconds: float
+    images_per_second: float
+
+
+@dataclass(frozen=True)
+class CandidateModel:
+    name: str
+    checkpoint: str  # run-relative path of the best state_dict
+    history: tuple[EpochRecord, ...]
+    best_epoch: int
+    monitor: str
+    best_score: float
+    parameters: int
+    train_seconds: float
+    images_per_second: float
+    precision: str
+    device: str
+    stopped_early: bool
+    cv_scores: tuple[float, ...] = ()  # per-fold validation scores when cv_folds >= 2
+
+
+@dataclass(frozen=True)
+class ModelTrainerArtifact:
+    header: ArtifactHeader
+    architecture_input: dict[str, int]  # image_size, channels, num_classes
+    candidates: tuple[CandidateModel, ...]
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    accuracy: float
+    roc_auc: float
+    macro_f1: float
+    loss: float
+    ece: float
+    per_class: dict[str, ClassMetrics]
+    confusion_matrix: tuple[tuple[int, ...], ...]
+    sensitivity: float | None = None  # 2-class only: recall of the positive (second) class
+    specificity: float | None = None
+
+
+@dataclass(frozen=True)
+class CandidateEvaluation:
+    name: str
+    validation: SplitMetrics
+    test: SplitMetrics
+    plots: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelEvaluationArtifact:
+    header: ArtifactHeader
+    selection_metric: str
+    best_candidate: str
+    best_checkpoint: str
+    candidates: tuple[CandidateEvaluation, ...]
+    comparison_markdown: str
+    comparison_json: str
+    plots: dict[str, str]  # name -> run-relative PNG path
+    gradcam: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelPusherArtifact:
+    header: ArtifactHeader
+    pushed: bool
+    candidate: str
+    reasons: tuple[str, ...]
+    model_tag: str | None = None
+    production_before: str | None = None
+    production_score: float | None = None
+    candidate_score: float | None = None
+    s3_uris: tuple[str, ...] = ()
+
+
+ARTIFACT_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        DataIngestionArtifact,
+        DataTransformationArtifact,
+        ModelTrainerArtifact,
+        ModelEvaluationArtifact,
+        ModelPusherArtifact,
+    )
+}

@@ -1,0 +1,104 @@
+"""Pipeline configuration: one frozen dataclass per stage, loaded strictly from YAML.
+
+Strict loading (unknown keys and wrong types are errors) matters because a
+typo such as ``trainer.epoch`` would otherwise silently train with defaults
+and the run would record a config nobody asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    max_concurrency: int = 8
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class IngestionConfig:
+    min_images_per_class: int = 10
+    leakage: str = "warn"  # warn | fail: exact duplicates across source splits
+    class_names: tuple[str, ...] = ()  # names for integer labels (.npz); folders name their classes
+    demo_images_per_class: int = 100
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: bool = True
+    rotation_degrees: float = 10.0
+    translate: float = 0.06
+    scale: float = 0.10
+    brightness: float = 0.10
+    contrast: float = 0.10
+
+
+@dataclass(frozen=True)
+class TransformationConfig:
+    image_size: int = 64
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 42
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    candidates: tuple[str, ...] = ("simple_cnn", "densenet121")
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # cosine | plateau
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 6
+    monitor: str = "roc_auc"  # validation metric for early stopping and the best checkpoint
+    class_weighting: bool = True
+    weights: str = "none"  # none | imagenet | path to a torchvision state_dict
+    precision: str = "auto"  # auto | bf16 | fp32
+    channels_last: bool = True
+    num_threads: int = 0  # 0: all cores
+    max_batches_per_epoch: int = 0  # 0: no limit (smoke runs and benchmarks)
+    seed: int = 0
+    cv_folds: int = 0  # >= 2: stratified k-fold on train+val for the candidate choice
+    cv_final_model: str = "retrain"  # retrain | best_fold
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    selection_metric: str = "roc_auc"  # chosen on validation; test stays an honest estimate
+    gradcam_per_class: int = 3
+    calibration_bins: int = 15
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_roc_auc: float = 0.80
+    min_accuracy: float = 0.0
+    min_class_recall: float = 0.0
+    compare_with_production: bool = True
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    enabled: bool = True
+    model_name: str = "xray-classifier"
+    s3_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data_uri: str = "demo"
+    artifacts_dir: str = "artifacts"
+    ingestion: IngestionConfig = field(default_factory=IngestionConfig)
+    transformation: TransformationConfig = field(default_factory=TransformationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    push: PushConfig = field(default_factory=PushConfig)

@@ -1,0 +1,88 @@
+"""Running a model: device and precision choice, batched prediction.
+
+Evaluation, the trainer's validation pass and the Bento service all predict
+through ``predict_proba`` so their numbers agree by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from xray.preprocessing import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+
+def choose_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """bf16 autocast only pays off where the CPU has native bf16 dot products."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(device: torch.device, setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    pixels: np.ndarray,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 128,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """uint8 ``N×H×W`` -> float32 logits ``N×C`` (on CPU)."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(pixels), batch_size):
+        x = preprocessing.to_tensor(pixels[start : start + batch_size]).to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            outputs.append(model(x).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def predict_proba(
+    model: nn.Module,
+    pixels: np.ndarray,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 128,
+    channels_last: bool = True,
+) -> np.ndarray:
+    logits = predict_logits(model, pixels, preprocessing, device, precision, batch_size, channels_last)
+    return torch.softmax(logits, dim=1).numpy()

@@ -1,0 +1,109 @@
+"""Candidate architectures: a compact custom CNN and torchvision's DenseNets.
+
+All take one grayscale channel. DenseNet's stem is adapted by summing the
+ImageNet filters over RGB, the standard way to keep pretrained features when
+the input has one channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from xray.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_DENSENETS = {
+    "densenet121": (tv_models.densenet121, tv_models.DenseNet121_Weights.IMAGENET1K_V1),
+    "densenet169": (tv_models.densenet169, tv_models.DenseNet169_Weights.IMAGENET1K_V1),
+    "densenet201": (tv_models.densenet201, tv_models.DenseNet201_Weights.IMAGENET1K_V1),
+}
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class SimpleCNN(nn.Module):
+    """Four conv/BN/ReLU/max-pool blocks, global pooling, dropout: the seeds' CNN, doubled convs."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256)):
+        super().__init__()
+        blocks, c_in = [], in_channels
+        for width in widths:
+            blocks.append(_conv_block(c_in, width))
+            c_in = width
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 1, weights: str = "none") -> nn.Module:
+    if name == "simple_cnn":
+        if weights != "none":
+            logger.info("simple_cnn has no pretrained weights; training from scratch")
+        return SimpleCNN(num_classes, in_channels)
+    if name not in _DENSENETS:
+        raise ConfigError(f"unknown candidate {name!r}")
+    factory, imagenet = _DENSENETS[name]
+    model = factory(weights=None)
+    if weights != "none":
+        model.load_state_dict(_load_pretrained(name, imagenet, weights))
+    stem = model.features.conv0
+    new_stem = nn.Conv2d(in_channels, stem.out_channels, 7, stride=2, padding=3, bias=False)
+    with torch.no_grad():
+        if in_channels == 1:
+            new_stem.weight.copy_(stem.weight.sum(dim=1, keepdim=True))
+        else:
+            new_stem.weight.copy_(stem.weight)
+    model.features.conv0 = new_stem
+    model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    return model
+
+
+def _load_pretrained(name: str, imagenet: tv_models.WeightsEnum, weights: str) -> dict[str, torch.Tensor]:
+    """Weights only from disk: a named file or torch's cache. Never downloads."""
+    if weights == "imagenet":
+        filename = Path(imagenet.url).name
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    else:
+        path = Path(weights)
+    if not path.is_file():
+        raise ConfigError(
+            f"{name}: pretrained weights not found at {path}; place torchvision's {Path(imagenet.url).name} "
+            f"there (or set trainer.weights to a local file path, or 'none'). Nothing is downloaded."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"{name}: cannot read pretrained weights {path}: {exc}") from None
+    # torchvision's old DenseNet checkpoints use keys like 'norm.1'; its loader renames them.
+    state = {k.replace("norm.1", "norm1").replace("norm.2", "norm2").replace("conv.1", "conv1").replace("conv.2", "conv2"): v for k, v in state.items()}
+    return state
+
+
+def gradcam_target_layer(model: nn.Module) -> nn.Module:
+    """The last spatial feature map: where Grad-CAM has both resolution and semantics."""
+    if isinstance(model, SimpleCNN):
+        return model.features[-1][-3]  # last block's final ReLU, before pooling
+    return model.features[-1]  # DenseNet: final norm5 (its ReLU is functional)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""The orchestrator that chains the stages into one run."""

@@ -1,0 +1,111 @@
+"""Image decoding and normalisation, shared by transformation, evaluation and serving.
+
+Serving must see pixels exactly as training did, so there is one path from
+bytes to model input: decode (any mode, any bit depth) -> 8-bit grayscale ->
+square resize -> scale and normalise.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_MAX_PIXELS = 50_000_000  # far above any radiograph, far below a decompression bomb
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this pipeline can read."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """More pixels than the configured limit: refused before decoding."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects; saved with every model so serving repeats it exactly."""
+
+    image_size: int
+    mean: float
+    std: float
+    channels: int = 1  # radiographs are grayscale; colour inputs are converted
+
+    def to_unit(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``N×H×W`` -> float ``N×1×H×W`` in [0, 1] (augmentation works here)."""
+        return torch.as_tensor(batch).unsqueeze(1).float().div_(255.0)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def to_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``N×H×W`` -> the normalised float ``N×1×H×W`` a model takes."""
+        return self.to_unit(batch).sub_(self.mean).div_(self.std)
+
+
+def open_image(
+    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Decode fully (truncated files fail here, not later), refusing oversize images first.
+
+    ``draft_size`` lets JPEG decode at a reduced scale, which is far faster
+    for multi-megapixel films that end up at a few hundred pixels anyway.
+    """
+    try:
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
+        if draft_size is not None and image.format == "JPEG":
+            image.draft(image.mode, (draft_size, draft_size))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"not a readable image: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"damaged image: {exc}") from None
+    return image
+
+
+def to_grayscale_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode (L, RGB, RGBA, P, 16-bit, float) -> uint8 ``H×W``."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if mode == "F" or mode == "I":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        else:
+            arr = arr / 65535.0 * 255.0
+        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    if image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Squash to ``size×size`` with antialiasing, as radiograph pipelines conventionally do."""
+    if pixels.shape == (size, size):
+        return pixels
+    image = Image.fromarray(pixels, mode="L")
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+
+
+def load_pixels(data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes or a file -> the uint8 ``size×size`` array a model sees."""
+    image = open_image(data, max_pixels=max_pixels, draft_size=size * 2)
+    return resize_square(to_grayscale_array(image), size)
+

@@ -1,0 +1,420 @@
+"""Runs on disk: one immutable directory per run, artifacts as JSON, a stage cache.
+
+Layout under the artifacts root::
+
+    <run_id>/manifest.json            status, config, code and package versions, stages
+    <run_id>/run.log                  the run's full log (tracebacks of failures go here)
+    <run_id>/<stage>/artifact.json    the stage's typed artifact
+    <run_id>/<stage>/...              the files it names, each with a sha256
+    .cache/<stage>/<fingerprint>.json where a finished stage with that fingerprint lives
+
+Nothing under a finished run is written again: files are made read-only when
+the run ends, and a cached stage is hard-linked (or copied) into the new run
+instead of being recomputed or referenced across runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+from xray.entity.artifact_entity import ARTIFACT_TYPES, ArtifactHeader, FileRecord
+from xray.errors import RunError
+from xray.typed import SchemaError, from_mapping, to_jsonable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PACKAGE_DIR = Path(__file__).resolve().parent
+MANIFEST = "manifest.json"
+ARTIFACT_JSON = "artifact.json"
+STAGES = ("data_ingestion", "data_transformation", "model_trainer", "model_evaluation", "model_pusher")
+_TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "pillow", "grad-cam", "bentoml", "boto3")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_run_id() -> str:
+    """Sortable by creation time, unique without coordination."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")[:-4] + "-" + secrets.token_hex(3)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(value), sort_keys=True).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(to_jsonable(value), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"missing file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path} is not valid JSON: {exc}") from None
+
+
+def code_hash() -> str:
+    """Hash of the package's source: part of every stage fingerprint, so changed code is recomputed."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def code_version() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True
+            )
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(status) if commit else None, "code_hash": code_hash()}
+
+
+def environment() -> dict[str, Any]:
+    packages = {}
+    for name in _TRACKED_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "host": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "packages": packages,
+    }
+
+
+def fingerprint(stage: str, params: Any, upstream: Iterable[str], code: str) -> str:
+    return sha256_json({"stage": stage, "params": params, "upstream": list(upstream), "code": code})
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    status: str  # running | succeeded | failed | skipped
+    started_at: str
+    finished_at: str | None = None
+    seconds: float | None = None
+    artifact_id: str | None = None
+    artifact: str | None = None  # run-relative path of artifact.json
+    artifact_sha256: str | None = None
+    cached_from: str | None = None  # run id the result was reused from
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    run_id: str
+    status: str  # running | succeeded | failed
+    created_at: str
+    data_uri: str
+    config: dict[str, Any]
+    code: dict[str, Any]
+    environment: dict[str, Any]
+    reason: str | None = None
+    finished_at: str | None = None
+    current_stage: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    pid: int | None = None
+    host: str | None = None
+
+
+class RunDir:
+    """Write access to one run while it is in progress."""
+
+    def __init__(self, root: Path, manifest: RunManifest):
+        self.root = root
+        self.path = root / manifest.run_id
+        self.manifest = manifest
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.run_id
+
+    @classmethod
+    def create(cls, root: Path, config: dict[str, Any], data_uri: str, run_id: str | None = None) -> RunDir:
+        root.mkdir(parents=True, exist_ok=True)
+        run_id = run_id or new_run_id()
+        path = root / run_id
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise RunError(f"run {run_id} already exists; runs are never overwritten") from None
+        manifest = RunManifest(
+            run_id=run_id,
+            status="running",
+            created_at=utc_now(),
+            data_uri=data_uri,
+            config=config,
+            code=code_version(),
+            environment=environment(),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        run = cls(root, manifest)
+        run.save()
+        return run
+
+    def save(self) -> None:
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+
+    def update(self, **changes: Any) -> None:
+        self.manifest = dataclasses.replace(self.manifest, **changes)
+        self.save()
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.path / stage
+        path.mkdir(exist_ok=True)
+        return path
+
+    def relative(self, path: Path) -> str:
+        return path.resolve().relative_to(self.path.resolve()).as_posix()
+
+    def file_records(self, paths: Iterable[Path]) -> tuple[FileRecord, ...]:
+        return tuple(
+            FileRecord(path=self.relative(p), sha256=sha256_file(p), size=p.stat().st_size)
+            for p in sorted(set(paths))
+        )
+
+    def set_progress(self, **progress: Any) -> None:
+        self.update(progress=progress)
+
+    def start_stage(self, stage: str) -> None:
+        stages = dict(self.manifest.stages)
+        stages[stage] = StageRecord(status="running", started_at=utc_now())
+        self.update(stages=stages, current_stage=stage, progress={})
+
+    def finish_stage(self, stage: str, artifact: Any, cached_from: str | None = None) -> None:
+        """Save the artifact and mark the stage done; the artifact's hash goes into the manifest."""
+        path = self.stage_dir(stage) / ARTIFACT_JSON
+        if not path.exists():
+            write_json_atomic(path, {"artifact_type": type(artifact).__name__, **to_jsonable(artifact)})
+        started = self.manifest.stages[stage].started_at
+        seconds = (datetime.fromisoformat(utc_now()) - datetime.fromisoformat(started)).total_seconds()
+        stages = dict(self.manifest.stages)
+        stages[stage] = StageRecord(
+            status="succeeded",
+            started_at=started,
+            finished_at=utc_now(),
+            seconds=round(seconds, 3),
+            artifact_id=artifact.header.artifact_id,
+            artifact=self.relative(path),
+            artifact_sha256=sha256_file(path),
+            cached_from=cached_from,
+        )
+        self.update(stages=stages, current_stage=None, progress={})
+
+    def finish(self, status: str, reason: str | None = None, summary: dict[str, Any] | None = None) -> None:
+        stages = {
+            name: dataclasses.replace(rec, status="failed", finished_at=utc_now())
+            if rec.status == "running"
+            else rec
+            for name, rec in self.manifest.stages.items()
+        }
+        self.update(
+            status=status,
+            reason=reason,
+            finished_at=utc_now(),
+            current_stage=None,
+            progress={},
+            stages=stages,
+            summary=summary or self.manifest.summary,
+        )
+        make_read_only(self.path)
+
+
+def make_read_only(path: Path) -> None:
+    for item in path.rglob("*"):
+        if item.is_file() and not item.is_symlink():
+            item.chmod(item.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def load_artifact(path: Path) -> Any:
+    raw = read_json(path)
+    type_name = raw.pop("artifact_type", None)
+    cls = ARTIFACT_TYPES.get(type_name or "")
+    if cls is None:
+        raise RunError(f"{path}: unknown artifact type {type_name!r}")
+    try:
+        return from_mapping(cls, raw)
+    except SchemaError as exc:
+        raise RunError(f"{path}: {exc}") from None
+
+
+def load_manifest(root: Path, run_id: str) -> RunManifest:
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        raise RunError(f"not a run id: {run_id!r}")
+    path = root / run_id / MANIFEST
+    if not path.is_file():
+        raise RunError(f"no run {run_id!r} under {root}")
+    try:
+        return from_mapping(RunManifest, read_json(path))
+    except SchemaError as exc:
+        raise RunError(f"{path}: {exc}") from None
+
+
+def list_runs(root: Path) -> list[RunManifest]:
+    if not root.is_dir():
+        return []
+    runs = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and not path.name.startswith(".") and (path / MANIFEST).is_file():
+            try:
+                runs.append(load_manifest(root, path.name))
+            except RunError as exc:
+                logger.warning("skipping damaged run %s: %s", path.name, exc)
+    return runs
+
+
+def load_stage_artifact(root: Path, manifest: RunManifest, stage: str) -> Any | None:
+    record = manifest.stages.get(stage)
+    if record is None or record.artifact is None:
+        return None
+    return load_artifact(root / manifest.run_id / record.artifact)
+
+
+def verify_run(root: Path, run_id: str) -> tuple[list[str], int]:
+    """Re-hash every file a run records; returns (problems, files checked)."""
+    manifest = load_manifest(root, run_id)
+    run_path = root / run_id
+    problems: list[str] = []
+    checked = 0
+    for stage, record in manifest.stages.items():
+        if record.artifact is None:
+            continue
+        artifact_path = run_path / record.artifact
+        checked += 1
+        if not artifact_path.is_file():
+            problems.append(f"missing: {record.artifact}")
+            continue
+        if record.artifact_sha256 and sha256_file(artifact_path) != record.artifact_sha256:
+            problems.append(f"modified: {record.artifact} (sha256 differs from the manifest)")
+        try:
+            artifact = load_artifact(artifact_path)
+        except RunError as exc:
+            problems.append(f"unreadable: {record.artifact}: {exc}")
+            continue
+        for item in artifact.header.files:
+            checked += 1
+            path = run_path / item.path
+            if not path.is_file():
+                problems.append(f"missing: {item.path}")
+            elif path.stat().st_size != item.size or sha256_file(path) != item.sha256:
+                problems.append(f"modified: {item.path} (sha256 differs from {stage} artifact)")
+    return problems, checked
+
+
+# ---------------------------------------------------------------- stage cache
+
+
+def cache_lookup(root: Path, stage: str, fp: str) -> tuple[str, Path] | None:
+    """A finished, intact stage result with this fingerprint: (run id, artifact.json path)."""
+    index = root / ".cache" / stage / f"{fp}.json"
+    if not index.is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text())
+        source_run = entry["run_id"]
+        artifact_path = root / source_run / stage / ARTIFACT_JSON
+        artifact = load_artifact(artifact_path)
+    except (OSError, KeyError, ValueError, RunError) as exc:
+        logger.info("cache entry for %s %s is unusable (%s); recomputing", stage, fp[:12], exc)
+        return None
+    for item in artifact.header.files:
+        path = root / source_run / item.path
+        if not path.is_file() or path.stat().st_size != item.size or sha256_file(path) != item.sha256:
+            logger.warning("cached %s from run %s fails its hash check; recomputing", stage, source_run)
+            return None
+    return source_run, artifact_path
+
+
+def cache_store(root: Path, stage: str, fp: str, run_id: str) -> None:
+    index_dir = root / ".cache" / stage
+    index_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(index_dir / f"{fp}.json", {"run_id": run_id, "stored_at": utc_now()})
+
+
+def adopt_cached_stage(run: RunDir, stage: str, source_run: str) -> None:
+    """Bring a cached stage's files into this run: hard links where possible, copies otherwise."""
+    source = run.root / source_run / stage
+    target = run.path / stage
+    for item in source.rglob("*"):
+        dest = target / item.relative_to(source)
+        if item.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(item, dest)
+        except OSError:
+            shutil.copy2(item, dest)
+
+
+def load_typed(cls: type[T], path: Path) -> T:
+    artifact = load_artifact(path)
+    if not isinstance(artifact, cls):
+        raise RunError(f"{path} holds a {type(artifact).__name__}, expected {cls.__name__}")
+    return artifact
+
+
+def new_header(
+    run: RunDir,
+    artifact_type: type,
+    stage: str,
+    fp: str,
+    parents: Iterable[str] = (),
+    files: Iterable[Path] = (),
+) -> ArtifactHeader:
+    return ArtifactHeader(
+        artifact_type=artifact_type.__name__,
+        artifact_id=f"{stage}-{secrets.token_hex(6)}",
+        producer=stage,
+        run_id=run.run_id,
+        created_at=utc_now(),
+        fingerprint=fp,
+        parents=tuple(parents),
+        files=run.file_records(files),
+    )
