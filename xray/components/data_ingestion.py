@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -173,7 +174,7 @@ def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile
 def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str], list[UnreadableFile]]:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path} is not a readable .npz archive: {exc}") from None
     with archive:
         keys = set(archive.files)
@@ -186,7 +187,10 @@ def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str]
                 continue
             if f"{split}_images" not in keys or f"{split}_labels" not in keys:
                 raise DataError(f"{path}: {split}_images and {split}_labels must come together")
-            images, labels = load_npz_split(archive, split)
+            try:
+                images, labels = load_npz_split(archive, split)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise DataError(f"{path}: cannot read {split} arrays: {exc}") from None
             if len(images) != len(labels):
                 raise DataError(f"{path}: {split}_images has {len(images)} entries but {split}_labels has {len(labels)}")
             per_split[split] = (images, labels)

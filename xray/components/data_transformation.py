@@ -170,3 +170,19 @@ def _as_uint8(pixels: np.ndarray) -> np.ndarray:
     elif pixels.dtype == np.uint16 or values.max() > 255:
         values = values / max(values.max(), 1.0) * 255.0
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def split_pixels(
+    run_path: Path, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, split: str, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images at any size: the cached arrays, or re-decoded from the snapshot for another size."""
+    labels = np.load(run_path / transformation.arrays[f"{split}_y"])
+    if size == transformation.image_size:
+        return np.load(run_path / transformation.arrays[f"{split}_x"]), labels
+    index_path = run_path / Path(transformation.arrays[f"{split}_x"]).parent / "splits.jsonl"
+    with open(index_path) as fh:
+        rows = [json.loads(line) for line in fh]
+    items = [Item(split=r["split"], label=r["label"], ref=r["ref"], sha256=r["sha256"]) for r in rows if r["split"] == split]
+    root = dataset_root(run_path, ingestion)
+    decode = _npz_decoder(root, size) if ingestion.source_kind == "npz" else _file_decoder(root, size)
+    return decode(items, split), labels

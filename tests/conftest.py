@@ -1,0 +1,53 @@
+"""Shared fixtures: a private BentoML home, tiny configs, the shared datasets when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PNEUMONIAMNIST = SHARED / "datasets" / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
+COVID3 = SHARED / "datasets" / "covid19-3class" / "train"
+
+# Fast settings for end-to-end runs: a few images, one short epoch.
+TINY = [
+    "trainer.epochs=1",
+    "trainer.candidates=[simple_cnn]",
+    "trainer.batch_size=16",
+    "transformation.image_size=32",
+    "ingestion.demo_images_per_class=12",
+    "ingestion.min_images_per_class=5",
+    "evaluation.gradcam_per_class=1",
+    "gate.min_roc_auc=0",
+]
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not path.exists(), reason=f"shared dataset not found at {path} (../shared is absent)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the developer's model store; tests needing their own store pass BENTOML_HOME to a subprocess."""
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path_factory.getbasetemp() / "bentoml-home"))
+
+
+def tiny_args(artifacts: Path, *extra: str) -> list[str]:
+    args = []
+    for item in [*TINY, f"artifacts_dir={artifacts}", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process: what a user sees, tracebacks included."""
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "xray", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,173 @@
+"""Stage 5: the gate and the push.
+
+The best candidate goes into BentoML's model store only if it clears the
+configured thresholds on the test split and is at least as good as the
+current production model re-scored on this same test split. Either way the
+decision and its reasons are an artifact, so an auditor sees why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import torch
+
+from xray.components.data_transformation import split_pixels
+from xray.components.model_trainer import preprocessing_of
+from xray.entity.artifact_entity import (
+    DataIngestionArtifact,
+    DataTransformationArtifact,
+    ModelEvaluationArtifact,
+    ModelPusherArtifact,
+)
+from xray.entity.config_entity import PipelineConfig
+from xray.errors import XrayError
+from xray.metrics import compute_metrics
+from xray.serving_model import ModelSpec, load_model_dir, production_model_dir, write_model_dir
+from xray.store import RunDir, new_header, sha256_file, write_json_atomic
+from xray.typed import to_jsonable
+
+logger = logging.getLogger(__name__)
+
+STAGE = "model_pusher"
+
+
+def run(
+    config: PipelineConfig,
+    run_dir: RunDir,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    evaluation: ModelEvaluationArtifact,
+) -> ModelPusherArtifact:
+    gate, push = config.gate, config.push
+    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    metric = evaluation.selection_metric
+    test = best.test
+    reasons: list[str] = []
+    if not test.roc_auc >= gate.min_roc_auc:
+        reasons.append(f"test ROC-AUC {test.roc_auc:.4f} is below gate.min_roc_auc {gate.min_roc_auc}")
+    if test.accuracy < gate.min_accuracy:
+        reasons.append(f"test accuracy {test.accuracy:.4f} is below gate.min_accuracy {gate.min_accuracy}")
+    for name, per_class in test.per_class.items():
+        if per_class.recall < gate.min_class_recall:
+            reasons.append(f"recall of {name} {per_class.recall:.4f} is below gate.min_class_recall {gate.min_class_recall}")
+    candidate_score = _score(test, metric)
+
+    production_tag, production_score = None, None
+    production = production_model_dir(push.model_name) if gate.compare_with_production else None
+    if production is not None:
+        production_tag, production_path = production
+        prod = load_model_dir(production_path, tag=production_tag)
+        if tuple(prod.spec.class_names) != tuple(transformation.class_names):
+            logger.info("production %s has other classes %s; not comparable", production_tag, prod.spec.class_names)
+            production_tag = None
+        else:
+            pixels, labels = split_pixels(run_dir.path, ingestion, transformation, "test", prod.spec.preprocessing.image_size)
+            prod_metrics = compute_metrics(labels, prod.predict_proba(pixels), transformation.class_names)
+            production_score = _score(prod_metrics, metric)
+            if candidate_score < production_score:
+                reasons.append(
+                    f"test {metric} {candidate_score:.4f} is below production {production_tag} "
+                    f"re-scored on this test split ({production_score:.4f})"
+                )
+
+    model_tag, s3_uris = None, []
+    if not reasons:
+        model_tag = _push_to_bentoml(config, run_dir, ingestion, transformation, evaluation)
+        s3_uris = _upload_to_s3(config, run_dir, evaluation, model_tag)
+        verdict = [f"passed the gate; pushed as {model_tag}"]
+        if production_score is not None:
+            verdict.append(f"test {metric} {candidate_score:.4f} >= production {production_tag} ({production_score:.4f})")
+        reasons = verdict
+        logger.info("model_pusher: %s", "; ".join(reasons))
+    else:
+        logger.warning("model_pusher: %s not pushed: %s", best.name, "; ".join(reasons))
+
+    decision_path = run_dir.stage_dir(STAGE) / "decision.json"
+    artifact_fields = dict(
+        pushed=model_tag is not None,
+        candidate=best.name,
+        reasons=tuple(reasons),
+        model_tag=model_tag,
+        production_before=production_tag,
+        production_score=production_score,
+        candidate_score=candidate_score,
+        s3_uris=tuple(s3_uris),
+    )
+    write_json_atomic(decision_path, {"gate": to_jsonable(gate), "metric": metric, **artifact_fields})
+    return ModelPusherArtifact(
+        header=new_header(
+            run_dir, ModelPusherArtifact, STAGE, "",
+            parents=[evaluation.header.artifact_id, transformation.header.artifact_id], files=[decision_path],
+        ),
+        **artifact_fields,
+    )
+
+
+def _score(metrics, metric: str) -> float:
+    value = getattr(metrics, metric)
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def _push_to_bentoml(
+    config: PipelineConfig,
+    run_dir: RunDir,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    evaluation: ModelEvaluationArtifact,
+) -> str:
+    import bentoml
+
+    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    checkpoint = run_dir.path / evaluation.best_checkpoint
+    metrics = {"validation": to_jsonable(best.validation), "test": to_jsonable(best.test)}
+    spec = ModelSpec(
+        architecture=best.name,
+        class_names=transformation.class_names,
+        preprocessing=preprocessing_of(transformation),
+        run_id=run_dir.run_id,
+        data_fingerprint=ingestion.data_fingerprint,
+        weights_sha256=sha256_file(checkpoint),
+        metrics=metrics,
+    )
+    summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
+    labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
+    metadata = {
+        "class_names": list(spec.class_names),
+        "architecture": spec.architecture,
+        "image_size": spec.preprocessing.image_size,
+        "normalization": {"mean": spec.preprocessing.mean, "std": spec.preprocessing.std},
+        "grayscale": True,
+        "run_id": run_dir.run_id,
+        "data_uri": ingestion.source_uri,
+        "data_fingerprint": ingestion.data_fingerprint,
+        "weights_sha256": spec.weights_sha256,
+        **summary_metrics,
+    }
+    try:
+        with bentoml.models.create(config.push.model_name, labels=labels, metadata=metadata) as model:
+            from pathlib import Path
+
+            write_model_dir(Path(model.path), spec, torch.load(checkpoint, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
+        raise XrayError(f"push to BentoML model store failed: {exc}") from exc
+    return str(model.tag)
+
+
+def _upload_to_s3(config: PipelineConfig, run_dir: RunDir, evaluation: ModelEvaluationArtifact, model_tag: str) -> list[str]:
+    if not config.push.s3_uri:
+        return []
+    from xray.sources.s3 import S3Settings, upload_file
+
+    s3 = config.ingestion.s3
+    settings = S3Settings(endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile,
+                          max_concurrency=s3.max_concurrency, max_attempts=s3.max_attempts)
+    base = config.push.s3_uri.rstrip("/") + f"/{model_tag.replace(':', '/')}"
+    uris = [upload_file(run_dir.path / evaluation.best_checkpoint, f"{base}/weights.pt", settings)]
+    uris.append(upload_file(run_dir.path / evaluation.comparison_json, f"{base}/comparison.json", settings))
+    report = run_dir.stage_dir(STAGE) / "report.json"
+    report.write_text(json.dumps({"run_id": run_dir.run_id, "model_tag": model_tag}, indent=2))
+    uris.append(upload_file(report, f"{base}/report.json", settings))
+    return uris

@@ -1,0 +1,85 @@
+"""The servable model: what the pusher writes into BentoML's store and what serving loads.
+
+A model directory holds ``weights.pt`` (a state_dict) and ``model.json``
+(architecture, classes, preprocessing, provenance). Serving, the pusher's
+re-scoring of production and the app's predict page all load it here, so
+they cannot disagree on preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
+from xray.models import build_model
+from xray.preprocessing import Preprocessing
+from xray.typed import from_mapping, to_jsonable
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "weights.pt"
+SPEC = "model.json"
+DEFAULT_MODEL_NAME = "xray-classifier"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    run_id: str
+    data_fingerprint: str
+    weights_sha256: str
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    spec: ModelSpec
+    model: nn.Module
+    device: torch.device
+    precision: str
+    tag: str = ""
+
+    def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return predict_proba(self.model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size)
+
+
+def write_model_dir(path: Path, spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> None:
+    torch.save(state_dict, path / WEIGHTS)
+    (path / SPEC).write_text(json.dumps(to_jsonable(spec), indent=2) + "\n")
+
+
+def read_spec(path: Path) -> ModelSpec:
+    return from_mapping(ModelSpec, json.loads((Path(path) / SPEC).read_text()))
+
+
+def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> LoadedModel:
+    """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it)."""
+    path = Path(path)
+    spec = read_spec(path)
+    model = build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
+    model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+    device = choose_device()
+    model = prepare_model(model, device).eval()
+    return LoadedModel(spec=spec, model=model, device=device, precision=choose_precision(device, precision), tag=tag)
+
+
+def production_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> tuple[str, Path] | None:
+    """The production model is the newest in the store under ``model_name``: only gated models get there."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        model = bentoml.models.get(f"{model_name}:latest")
+    except NotFound:
+        return None
+    return str(model.tag), Path(model.path)
