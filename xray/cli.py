@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("out")
     demo.add_argument("--per-class", type=int, default=100)
     demo.set_defaults(handler=cmd_data_demo)
+    upload = data_sub.add_parser("upload", help="upload a local dataset folder to s3://bucket/prefix")
+    upload.add_argument("folder")
+    upload.add_argument("uri")
+    upload.set_defaults(handler=cmd_data_upload)
     return parser
 
 
@@ -160,6 +164,17 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
     counts = generate_demo_dataset(Path(args.out), images_per_class=args.per_class)
     print(f"wrote {sum(counts.values())} synthetic images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_data_upload(args: argparse.Namespace) -> int:
+    from xray.sources.s3 import S3Settings, upload_dir
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise XrayError(f"not a folder: {folder}")
+    count = upload_dir(folder, args.uri, S3Settings())
+    print(f"uploaded {count} files from {folder} to {args.uri}")
     return 0
 
 

@@ -184,6 +184,14 @@ def fit(
     if cfg.max_batches_per_epoch:
         batches = min(batches, cfg.max_batches_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, batches)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+        )
+        if cfg.ema_decay > 0
+        else None
+    )
+    scored = ema.module if ema is not None else model
     generator = torch.Generator().manual_seed(cfg.seed)
     train_x = torch.from_numpy(data.train_x)
     train_y = torch.from_numpy(data.train_y)
@@ -212,13 +220,15 @@ def fit(
             optimizer.step()
             if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()
-            loss_sum += float(loss) * len(index)
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
         elapsed = time.perf_counter() - started
         train_seconds += elapsed
         images_seen += seen
 
-        val_logits = predict_logits(model, data.val_x, data.preprocessing, device, precision, channels_last=cfg.channels_last)
+        val_logits = predict_logits(scored, data.val_x, data.preprocessing, device, precision, channels_last=cfg.channels_last)
         val_loss = float(nn.functional.cross_entropy(val_logits, torch.from_numpy(data.val_y)))
         val_probs = torch.softmax(val_logits, 1).numpy()
         val_accuracy = float((val_probs.argmax(1) == data.val_y).mean())
@@ -240,7 +250,7 @@ def fit(
         improved = (score > best_score) if higher_is_better else (score < best_score)
         if improved or best_state is None:
             best_score, best_epoch, stale = score, epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
         else:
             stale += 1
         logger.info(

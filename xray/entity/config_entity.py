@@ -57,6 +57,7 @@ class TrainerConfig:
     scheduler: str = "cosine"  # cosine | plateau
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights
     early_stopping_patience: int = 6
     monitor: str = "roc_auc"  # validation metric for early stopping and the best checkpoint
     class_weighting: bool = True

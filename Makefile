@@ -1,0 +1,45 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+XRAY := $(VENV)/bin/xray
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+
+# Demo S3 (a local SeaweedFS on loopback; nothing leaves the machine).
+DEMO_DIR := .demo
+S3_PORT ?= 8333
+DEMO_S3 := AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT) AWS_ACCESS_KEY_ID=xray-demo \
+	AWS_SECRET_ACCESS_KEY=xray-demo-secret AWS_DEFAULT_REGION=us-east-1
+
+.PHONY: install demo test test-fast browser bench clean-demo
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# The whole pipeline on the embedded synthetic dataset, pulled from a local S3 server.
+demo: install
+	$(XRAY) data demo $(DEMO_DIR)/data
+	$(PY) scripts/s3_server.py start --dir $(DEMO_DIR)/s3 --port $(S3_PORT) --bucket xray-data
+	set -o pipefail; trap '$(PY) scripts/s3_server.py stop --dir $(DEMO_DIR)/s3 --port $(S3_PORT)' EXIT; \
+	$(DEMO_S3) $(XRAY) data upload $(DEMO_DIR)/data s3://xray-data/demo && \
+	$(DEMO_S3) $(XRAY) train --data s3://xray-data/demo
+	@echo "Runs: $(XRAY) runs list   |   serve: $(VENV)/bin/bentoml serve xray.service:XrayClassifier"
+
+test: install
+	$(PY) -m pytest -q --timeout=900
+
+bench: install
+	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_serve.py
+
+clean-demo:
+	-$(PY) scripts/s3_server.py stop --dir $(DEMO_DIR)/s3 --port $(S3_PORT)
+	rm -rf $(DEMO_DIR)
