@@ -10,7 +10,7 @@ import pytest
 from xray.components import data_ingestion
 from xray.config import load_config
 from xray.errors import DataError
-from xray.store import RunDir, code_hash, verify_run
+from xray.store import RunDir, code_hash
 
 from .data_builders import class_folder, npz_file, pattern, save, split_folder
 
