@@ -88,3 +88,15 @@ def test_augmentation_changes_pixels_but_keeps_shape_and_range() -> None:
     assert torch.equal(out, again)
     off = AugmentConfig(hflip=False, rotation_degrees=0, translate=0, scale=0, brightness=0, contrast=0)
     assert torch.allclose(augment_batch(x, off, torch.Generator().manual_seed(0)), x, atol=1e-5)
+
+
+def test_auto_image_size_follows_native_resolution(tmp_path: Path) -> None:
+    from xray.components.data_transformation import resolve_image_size
+
+    assert resolve_image_size("auto", 28) == 64  # MedMNIST: upsampled for DenseNet's 32x downsampling
+    assert resolve_image_size("auto", 128) == 128
+    assert resolve_image_size("auto", 2000) == 224
+    assert resolve_image_size(96, 2000) == 96
+    root = class_folder(tmp_path / "data", {"a": 10, "b": 10})  # 40 px images
+    artifact, _ = transform(tmp_path, root, "transformation.image_size=auto")
+    assert artifact.image_size == 64

@@ -101,15 +101,15 @@ def validate(config: PipelineConfig) -> None:
     positive = {
         "trainer.epochs": trainer.epochs,
         "trainer.batch_size": trainer.batch_size,
-        "transformation.image_size": config.transformation.image_size,
         "ingestion.min_images_per_class": config.ingestion.min_images_per_class,
         "trainer.learning_rate": trainer.learning_rate,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config: {key} must be positive, got {value}")
-    if not 16 <= config.transformation.image_size <= 1024:
-        raise ConfigError("config: transformation.image_size must be between 16 and 1024")
+    size = config.transformation.image_size
+    if size != "auto" and (isinstance(size, str) or not 32 <= size <= 1024):
+        raise ConfigError(f"config: transformation.image_size must be 'auto' or between 32 and 1024, got {size!r}")
     t = config.transformation
     if not (0 < t.val_fraction < 1 and 0 < t.test_fraction < 1 and t.val_fraction + t.test_fraction < 0.9):
         raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")

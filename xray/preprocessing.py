@@ -50,18 +50,21 @@ class Preprocessing:
 
 
 def open_image(
-    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, keep_size: bool = False
 ) -> Image.Image:
     """Decode fully (truncated files fail here, not later), refusing oversize images first.
 
     ``draft_size`` lets JPEG decode at a reduced scale, which is far faster
-    for multi-megapixel films that end up at a few hundred pixels anyway.
+    for multi-megapixel films that end up at a few hundred pixels anyway;
+    ``keep_size`` records the stored size in ``image.info["xray_original_size"]``.
     """
     try:
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         width, height = image.size
         if width * height > max_pixels:
             raise ImageTooLargeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
+        if keep_size:
+            image.info["xray_original_size"] = (width, height)
         if draft_size is not None and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
         with warnings.catch_warnings():

@@ -67,9 +67,9 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
             raise DataError(f"{uri} is a file but not an .npz archive")
 
     if kind == "npz":
-        items, class_names, unreadable = _scan_npz(root, config.ingestion.class_names)
+        items, class_names, unreadable, median_side = _scan_npz(root, config.ingestion.class_names)
     else:
-        items, class_names, unreadable = _scan_folder(root)
+        items, class_names, unreadable, median_side = _scan_folder(root)
 
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
@@ -114,6 +114,7 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
         num_images=len(items),
         data_fingerprint=data_fp,
         index_file=run_dir.relative(index_file),
+        median_image_side=median_side,
         unreadable=tuple(unreadable),
         duplicates=duplicates,
         leakage=leakage,
@@ -134,7 +135,7 @@ def dataset_root(run_path: Path, artifact: DataIngestionArtifact) -> Path:
 # ------------------------------------------------------------------ folders
 
 
-def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile]]:
+def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile], int]:
     top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not top:
         raise DataError(f"{root} holds no class folders (expected CLASS/… or train/CLASS/…)")
@@ -151,13 +152,16 @@ def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile
     if not candidates:
         raise DataError(f"{root} holds no PNG or JPEG images")
 
+    sides: dict[str, int] = {}
+
     def check(entry: tuple[str, str, Path]) -> Item | UnreadableFile:
         split, label, path = entry
         ref = path.relative_to(root).as_posix()
         try:
-            open_image(path, draft_size=64)
+            image = open_image(path, draft_size=64, keep_size=True)
         except ImageDecodeError as exc:
             return UnreadableFile(path=ref, reason=str(exc))
+        sides[ref] = min(image.info["xray_original_size"])
         return Item(split=split, label=label, ref=ref, sha256=sha256_file(path))
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
@@ -165,13 +169,14 @@ def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile
     items = [r for r in results if isinstance(r, Item)]
     unreadable = [r for r in results if isinstance(r, UnreadableFile)]
     class_names = sorted({i.label for i in items} | {label for _, label, _ in candidates})
-    return items, class_names, unreadable
+    median_side = int(np.median(list(sides.values()))) if sides else 0
+    return items, class_names, unreadable, median_side
 
 
 # ------------------------------------------------------------------ .npz
 
 
-def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str], list[UnreadableFile]]:
+def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str], list[UnreadableFile], int]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -203,11 +208,12 @@ def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str]
     if len(class_names) < count:
         raise DataError(f"{path}: labels go up to {count - 1} but only {len(class_names)} class names are given")
     items = []
+    median_side = min(per_split["train"][0].shape[1:3])
     for split, (images, labels) in per_split.items():
         for index in range(len(images)):
             digest = hashlib.sha256(np.ascontiguousarray(images[index]).tobytes()).hexdigest()
             items.append(Item(split=split, label=class_names[int(labels[index])], ref=f"{split}:{index}", sha256=digest))
-    return items, class_names, []
+    return items, class_names, [], median_side
 
 
 def load_npz_split(archive: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarray, np.ndarray]:

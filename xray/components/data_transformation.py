@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "data_transformation"
 SPLITS = ("train", "val", "test")
+AUTO_SMALL, AUTO_LARGE = 64, 224
 
 
 def stage_fingerprint(config: PipelineConfig, ingestion: DataIngestionArtifact, code: str) -> str:
@@ -39,12 +40,13 @@ def stage_fingerprint(config: PipelineConfig, ingestion: DataIngestionArtifact, 
 
 def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifact, code: str) -> DataTransformationArtifact:
     cfg = config.transformation
+    size = resolve_image_size(cfg.image_size, ingestion.median_image_side)
     items = read_items(run_dir.path, ingestion)
     splits, strategy = assign_splits(items, ingestion.splits_given, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     class_index = {name: i for i, name in enumerate(ingestion.class_names)}
     out = run_dir.stage_dir(STAGE)
     root = dataset_root(run_dir.path, ingestion)
-    decode = _npz_decoder(root, cfg.image_size) if ingestion.source_kind == "npz" else _file_decoder(root, cfg.image_size)
+    decode = _npz_decoder(root, size) if ingestion.source_kind == "npz" else _file_decoder(root, size)
 
     arrays: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -71,7 +73,7 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
     normalization = {"mean": round(float(scaled.mean()), 6), "std": round(max(float(scaled.std()), 1e-3), 6)}
     logger.info(
         "split (%s): %s; %d px arrays cached", strategy,
-        ", ".join(f"{s} {sum(counts[s].values())}" for s in SPLITS), cfg.image_size,
+        ", ".join(f"{s} {sum(counts[s].values())}" for s in SPLITS), size,
     )
     return DataTransformationArtifact(
         header=new_header(
@@ -79,7 +81,7 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
             parents=[ingestion.header.artifact_id], files=files,
         ),
         class_names=ingestion.class_names,
-        image_size=cfg.image_size,
+        image_size=size,
         channels=1,
         split_strategy=strategy,
         counts=counts,
@@ -87,6 +89,14 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
         normalization=normalization,
         augmentation=to_jsonable(cfg.augment),
     )
+
+
+def resolve_image_size(setting: int | str, median_side: int) -> int:
+    """``auto``: the native size, kept between 64 px (DenseNet downsamples 32x, so MedMNIST's
+    28 px is upsampled) and 224 px (full-size films, where lesions stay several pixels wide)."""
+    if setting != "auto":
+        return int(setting)
+    return max(AUTO_SMALL, min(AUTO_LARGE, median_side // 32 * 32))
 
 
 def assign_splits(

@@ -63,6 +63,7 @@ class DataIngestionArtifact:
     num_images: int
     data_fingerprint: str  # sha256 over every item's (split, label, content hash)
     index_file: str  # items.jsonl: one line per image: split, label, path/index, sha256
+    median_image_side: int  # median of min(width, height): what "image_size: auto" resolves from
     unreadable: tuple[UnreadableFile, ...] = ()
     duplicates: tuple[DuplicateGroup, ...] = ()
     leakage: tuple[DuplicateGroup, ...] = ()  # duplicates that sit in different source splits

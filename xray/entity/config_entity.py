@@ -40,7 +40,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TransformationConfig:
-    image_size: int = 64
+    image_size: int | str = "auto"  # pixels, or "auto": from the dataset's native resolution
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 42
