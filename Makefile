@@ -33,7 +33,14 @@ demo: install
 	$(DEMO_S3) $(XRAY) train --data s3://xray-data/demo
 	@echo "Runs: $(XRAY) runs list   |   serve: $(VENV)/bin/bentoml serve xray.service:XrayClassifier"
 
-test: install
+# Headless Chromium for the page tests (Debian's package; tests skip with a message without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed and cannot apt-get it: page tests will skip"; fi; }
+
+test: install browser
 	$(PY) -m pytest -q --timeout=900
 
 bench: install

@@ -78,6 +78,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
     config = load_config(config_path, args.overrides, data_uri=args.data)
     result = run_pipeline(config, run_id=args.run_id)
+    if result.rank != 0:  # a torchrun worker: rank 0 reports the run; a worker only reports its own failure
+        if result.status == "failed":
+            print(f"xray: error: rank {result.rank}: {result.reason}", file=sys.stderr)
+            return 2
+        return 0
     print(f"run {result.run_id}: {result.status}")
     if result.status != "succeeded":
         print(f"xray: error: {result.reason}", file=sys.stderr)
@@ -96,8 +101,10 @@ def format_summary(summary: dict) -> str:
             f"{m['test']['roc_auc']:>9.4f} {m['test']['accuracy']:>9.4f}{mark}"
         )
     if summary.get("pushed") is not None:
-        verdict = f"pushed as {summary['model_tag']}" if summary["pushed"] else "not pushed"
-        lines.append(f"model: {verdict}" + (f" ({'; '.join(summary['push_reasons'])})" if summary["push_reasons"] else ""))
+        if summary["pushed"]:
+            lines.append(f"model: pushed as {summary['model_tag']}")
+        else:
+            lines.append(f"model: not pushed ({'; '.join(summary['push_reasons'])})")
     return "\n".join(lines)
 
 
