@@ -143,7 +143,7 @@ class StageRecord:
 @dataclass(frozen=True)
 class RunManifest:
     run_id: str
-    status: str  # running | succeeded | failed
+    status: str  # queued | running | succeeded | failed
     created_at: str
     data_uri: str
     config: dict[str, Any]
@@ -179,7 +179,8 @@ class RunDir:
         try:
             path.mkdir()
         except FileExistsError:
-            raise RunError(f"run {run_id} already exists; runs are never overwritten") from None
+            if not _is_queued(root, run_id):
+                raise RunError(f"run {run_id} already exists; runs are never overwritten") from None
         manifest = RunManifest(
             run_id=run_id,
             status="running",
@@ -189,6 +190,37 @@ class RunDir:
             code=code_version(),
             environment=environment(),
             pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        run = cls(root, manifest)
+        run.save()
+        return run
+
+    @classmethod
+    def queue(
+        cls, root: Path, config: dict[str, Any], data_uri: str, run_id: str | None = None, pid: int | None = None
+    ) -> RunDir:
+        """A run that is accepted but not started yet (status ``queued``): ``create`` with its id adopts it.
+
+        ``pid`` names the process answerable for it until the worker takes over, so a
+        reader can tell a queued run whose owner died from one that is about to start.
+        """
+        root.mkdir(parents=True, exist_ok=True)
+        run_id = run_id or new_run_id()
+        path = root / run_id
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise RunError(f"run {run_id} already exists; runs are never overwritten") from None
+        manifest = RunManifest(
+            run_id=run_id,
+            status="queued",
+            created_at=utc_now(),
+            data_uri=data_uri,
+            config=config,
+            code=code_version(),
+            environment=environment(),
+            pid=os.getpid() if pid is None else pid,
             host=socket.gethostname(),
         )
         run = cls(root, manifest)
@@ -261,6 +293,27 @@ class RunDir:
             summary=summary or self.manifest.summary,
         )
         make_read_only(self.path)
+
+
+def _is_queued(root: Path, run_id: str) -> bool:
+    try:
+        return load_manifest(root, run_id).status == "queued"
+    except RunError:
+        return False
+
+
+def mark_orphaned(root: Path, run_id: str, reason: str) -> RunManifest:
+    """Mark a queued or running run failed because its process is gone (killed, crashed, host rebooted).
+
+    Only the caller can know the process is gone; a finished run is returned unchanged.
+    """
+    manifest = load_manifest(root, run_id)
+    if manifest.status not in ("queued", "running"):
+        return manifest
+    run = RunDir(root, manifest)
+    run.finish("failed", reason=reason)
+    logger.warning("run %s marked failed: %s", run_id, reason)
+    return run.manifest
 
 
 def make_read_only(path: Path) -> None:

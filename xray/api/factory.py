@@ -1,0 +1,112 @@
+"""``create_app(settings)``: the FastAPI app with its state (jobs, predictor) set up in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from xray.api import pages, routes
+from xray.api.auth import LoginRequired, login_url
+from xray.api.jobs import JobManager
+from xray.api.predict import make_predictor
+from xray.api.settings import AppSettings
+
+logger = logging.getLogger(__name__)
+
+_TITLES = {400: "Bad request", 403: "Forbidden", 404: "Not found", 409: "Conflict", 503: "Unavailable"}
+DESCRIPTION = """Training service for the chest X-ray classifier.
+
+* `POST /train` starts the pipeline in a worker process (one at a time) and answers `202` with the run id.
+* `GET /runs/{id}` follows it: status, stage, epoch progress, metrics, push decision.
+* Runs live in the artifacts directory: the app can restart without losing them.
+
+Authenticate with `Authorization: Bearer <token>`: a **train** token may start and cancel runs,
+a **read** token may only read. The HTML pages (`/ui/runs`, `/ui/predict`) use a login cookie.
+"""
+
+
+def _is_page(request: Request) -> bool:
+    return request.url.path.startswith("/ui/") or request.url.path in ("/login", "/logout", "/")
+
+
+def create_app(settings: AppSettings) -> FastAPI:
+    """One app per settings; nothing global beyond what lives on ``app.state``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        jobs = JobManager(settings)
+        jobs.reconcile_all()
+        app.state.settings = settings
+        app.state.jobs = jobs
+        app.state.predictor = make_predictor(settings.bento_url, settings.model_name)
+        logger.info(
+            "xray service: artifacts %s, config %s, predict via %s",
+            settings.artifacts_dir,
+            settings.config_path or "(defaults)",
+            settings.bento_url or "in-process model",
+        )
+        yield
+        left = jobs.children()
+        if left:  # they run in their own sessions and finish on their own; their manifests say how
+            logger.info(
+                "shutting down with training still running: %s", ", ".join(f"{k} (pid {v})" for k, v in left.items())
+            )
+
+    app = FastAPI(title="xray training service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.include_router(routes.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
+
+    @app.exception_handler(LoginRequired)
+    async def _login_required(request: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse(login_url(exc.next_url), status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if _is_page(request) and exc.status_code != 401:
+            context = {
+                "status_code": exc.status_code,
+                "title": _TITLES.get(exc.status_code, "Error"),
+                "message": str(exc.detail),
+                "principal": None,
+            }
+            return pages.render(request, "error.html", context, status_code=exc.status_code)
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        """An upload that is not a file is the client's mistake about the image: 400 (the page shows it)."""
+        if request.url.path == "/predict":
+            return JSONResponse(
+                status_code=400, content={"detail": "send the image as the multipart file field 'image'"}
+            )
+        if request.url.path == "/ui/predict":
+            context = {
+                "status_code": 400,
+                "title": "Bad upload",
+                "principal": None,
+                "message": "send the image with the form's file field",
+            }
+            return pages.render(request, "error.html", context, status_code=400)
+        return await request_validation_exception_handler(request, exc)
+
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
+
+    return app

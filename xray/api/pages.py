@@ -1,0 +1,181 @@
+"""Server-rendered pages for auditors and engineers: runs, one run in full, and a predict form.
+
+Same data as the JSON API (``views.load_view``), same tokens (from a login
+cookie: HttpOnly, SameSite=Strict), no JavaScript and no front-end build.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from xray.api.auth import (
+    COOKIE_NAME,
+    TRAIN,
+    Principal,
+    page_reader,
+    page_trainer,
+    role_of,
+    safe_next,
+)
+from xray.api.jobs import ACTIVE, NotActive
+from xray.api.predict import BadUpload, PredictionUnavailable
+from xray.api.routes import get_manifest, jobs, run_prediction, verify
+from xray.api.views import load_view, summary
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+# The pages need no script at all; images come from our own routes or data: URIs (Grad-CAM results).
+PAGE_CSP = "default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; frame-ancestors 'none'"
+
+router = APIRouter(include_in_schema=False)
+
+
+def _filesize(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+TEMPLATES.env.filters["filesize"] = _filesize
+TEMPLATES.env.filters["metric"] = _pct
+
+
+def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
+    principal = context.get("principal")
+    response = TEMPLATES.TemplateResponse(request, name, {"principal": principal, **context}, status_code=status_code)
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/ui/runs", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "/ui/runs") -> HTMLResponse:
+    return render(request, "login.html", {"next": safe_next(next), "error": None})
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request, token: Annotated[str, Form(max_length=4096)] = "", next: Annotated[str, Form()] = "/ui/runs"
+) -> Response:
+    settings = request.app.state.settings
+    if not token or role_of(token.strip(), settings.tokens) is None:
+        return render(request, "login.html", {"next": safe_next(next), "error": "invalid token"}, status_code=401)
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(
+        COOKIE_NAME,
+        token.strip(),
+        max_age=settings.session_hours * 3600,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=settings.cookie_secure,
+    )
+    return response
+
+
+@router.post("/logout")
+def logout() -> RedirectResponse:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE_NAME, path="/")
+    return response
+
+
+@router.get("/ui/runs", response_class=HTMLResponse)
+def runs_page(request: Request, principal: Annotated[Principal, Depends(page_reader)]) -> HTMLResponse:
+    runs = [summary(m) for m in reversed(jobs(request).runs())]
+    active = any(r.status in ACTIVE for r in runs)
+    return render(request, "runs.html", {"principal": principal, "runs": runs, "refresh": active})
+
+
+@router.get("/ui/runs/{run_id}", response_class=HTMLResponse)
+def run_page(
+    request: Request, run_id: str, principal: Annotated[Principal, Depends(page_reader)], verify_files: int = 0
+) -> HTMLResponse:
+    manifest = get_manifest(request, run_id)
+    view = load_view(jobs(request).root, manifest)
+    verification = verify(request, manifest.run_id) if verify_files else None
+    evaluation = view.artifacts.get("model_evaluation")
+    context = {
+        "principal": principal,
+        "run": view.detail,
+        "manifest": manifest,
+        "evaluation": evaluation,
+        "lineage": view.lineage,
+        "verification": verification,
+        "config_yaml": yaml.safe_dump(manifest.config, sort_keys=False, default_flow_style=False),
+        "environment": manifest.environment,
+        "refresh": manifest.status in ACTIVE and not verify_files,
+        "can_cancel": manifest.status in ACTIVE and principal.role == TRAIN,
+    }
+    return render(request, "run.html", context)
+
+
+@router.post("/ui/runs/{run_id}/cancel")
+def cancel_page(
+    request: Request, run_id: str, principal: Annotated[Principal, Depends(page_trainer)]
+) -> RedirectResponse:
+    get_manifest(request, run_id)
+    try:
+        jobs(request).cancel(run_id)
+    except NotActive as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    return RedirectResponse(f"/ui/runs/{run_id}", status_code=303)
+
+
+@router.get("/ui/predict", response_class=HTMLResponse)
+def predict_page(request: Request, principal: Annotated[Principal, Depends(page_reader)]) -> HTMLResponse:
+    return render(request, "predict.html", {"principal": principal, **_predict_context(request)})
+
+
+@router.post("/ui/predict", response_class=HTMLResponse)
+def predict_submit(
+    request: Request,
+    principal: Annotated[Principal, Depends(page_reader)],
+    image: Annotated[UploadFile | None, File()] = None,
+) -> HTMLResponse:
+    context: dict[str, Any] = {"principal": principal, **_predict_context(request)}
+    try:
+        result = run_prediction(request, image)
+    except BadUpload as exc:
+        return render(request, "predict.html", {**context, "error": f"That upload cannot be used: {exc}"}, 400)
+    except PredictionUnavailable as exc:
+        return render(request, "predict.html", {**context, "error": str(exc)}, 503)
+    ranked = sorted(result.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+    overlay = base64.b64encode(result.gradcam_png).decode() if result.gradcam_png else None
+    return render(
+        request,
+        "predict.html",
+        {
+            **context,
+            "result": result,
+            "ranked": ranked,
+            "overlay": overlay,
+            "filename": image.filename if image else "",
+        },
+    )
+
+
+def _predict_context(request: Request) -> dict[str, Any]:
+    settings = request.app.state.settings
+    backend = f"Bento service at {settings.bento_url}" if settings.bento_url else "the production model, in-process"
+    return {"backend": backend, "error": None, "result": None}

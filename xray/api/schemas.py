@@ -1,0 +1,133 @@
+"""Request and response models: what /docs shows is what the endpoints take and return."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str | None = Field(
+        None,
+        max_length=4096,
+        description="dataset URI: demo, a folder or .npz path on the server, or s3://bucket/prefix "
+        "(default: the config's data_uri)",
+        examples=["demo"],
+    )
+    overrides: list[str] = Field(
+        default_factory=list,
+        max_length=200,
+        description="config overrides, each section.key=value (value parsed as YAML)",
+        examples=[["trainer.epochs=5", "trainer.candidates=[simple_cnn]"]],
+    )
+
+
+class TrainAccepted(BaseModel):
+    run_id: str
+    status: str = Field(description="queued: the worker has been started")
+    url: str = Field(description="where to follow the run")
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class ConflictOut(BaseModel):
+    detail: str
+    run_id: str = Field(description="the run that is queued or running")
+
+
+class SplitScores(BaseModel):
+    accuracy: float
+    roc_auc: float
+
+
+class CandidateScores(BaseModel):
+    validation: SplitScores
+    test: SplitScores
+
+
+class StageInfo(BaseModel):
+    status: str = Field(description="running | succeeded | failed")
+    started_at: str
+    finished_at: str | None = None
+    seconds: float | None = None
+    artifact_id: str | None = None
+    artifact: str | None = Field(None, description="run-relative path of the stage's artifact.json")
+    artifact_sha256: str | None = None
+    cached_from: str | None = Field(None, description="the run this stage's result was reused from")
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    candidate: str | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+
+
+class PushDecision(BaseModel):
+    pushed: bool
+    candidate: str
+    model_tag: str | None = None
+    reasons: list[str] = Field(default_factory=list)
+    production_before: str | None = None
+    production_score: float | None = None
+    candidate_score: float | None = None
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    status: str = Field(description="queued | running | succeeded | failed")
+    reason: str | None = Field(None, description="why the run failed")
+    created_at: str
+    finished_at: str | None = None
+    data_uri: str
+    current_stage: str | None = None
+    progress: Progress = Field(default_factory=Progress)
+    best_candidate: str | None = None
+    val_roc_auc: float | None = None
+    test_accuracy: float | None = None
+    pushed: bool | None = None
+    model_tag: str | None = None
+
+
+class RunDetail(RunSummary):
+    stages: dict[str, StageInfo] = Field(default_factory=dict)
+    candidates: dict[str, CandidateScores] = Field(default_factory=dict)
+    selection_metric: str | None = None
+    push: PushDecision | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    code: dict[str, Any] = Field(default_factory=dict)
+    pid: int | None = None
+    host: str | None = None
+    plots: dict[str, str] = Field(default_factory=dict, description="plot name -> URL of the PNG")
+    gradcam: list[str] = Field(default_factory=list, description="URLs of the Grad-CAM galleries")
+    problems: list[str] = Field(default_factory=list, description="artifacts that could not be read")
+
+
+class VerifyResult(BaseModel):
+    run_id: str
+    ok: bool
+    checked: int = Field(description="files re-hashed")
+    problems: list[str]
+
+
+class CancelAccepted(BaseModel):
+    run_id: str
+    status: str = Field(description="cancelling: SIGTERM was sent to the worker")
+
+
+class PredictionOut(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    model: str
+    source: str = Field(description="the Bento service or the in-process production model")
+    gradcam_png: str | None = Field(None, description="the Grad-CAM overlay as a data:image/png;base64 URI")
+
+
+class Health(BaseModel):
+    status: str

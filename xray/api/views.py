@@ -1,0 +1,130 @@
+"""A run as the API and the pages show it: the manifest plus what its stage artifacts say.
+
+Reading never fails because one artifact is damaged: what cannot be read is
+listed in ``problems`` and the rest is still shown (an auditor needs the
+page most when something is wrong).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from xray.api.schemas import CandidateScores, Progress, PushDecision, RunDetail, RunSummary, StageInfo
+from xray.errors import RunError
+from xray.store import STAGES, RunManifest, load_stage_artifact
+from xray.typed import to_jsonable
+
+
+def artifact_url(run_id: str, path: str) -> str:
+    return f"/runs/{quote(run_id)}/artifacts/{quote(path)}"
+
+
+def summary(manifest: RunManifest) -> RunSummary:
+    s = manifest.summary or {}
+    best = s.get("best_candidate")
+    metrics = (s.get("candidates") or {}).get(best or "", {})
+    return RunSummary(
+        run_id=manifest.run_id,
+        status=manifest.status,
+        reason=manifest.reason,
+        created_at=manifest.created_at,
+        finished_at=manifest.finished_at,
+        data_uri=manifest.data_uri,
+        current_stage=manifest.current_stage,
+        progress=Progress(**(manifest.progress or {})),
+        best_candidate=best,
+        val_roc_auc=(metrics.get("validation") or {}).get("roc_auc"),
+        test_accuracy=(metrics.get("test") or {}).get("accuracy"),
+        pushed=s.get("pushed"),
+        model_tag=s.get("model_tag"),
+    )
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """One stage's artifact as an auditor reads it."""
+
+    stage: str
+    artifact_id: str
+    artifact_type: str
+    producer_run: str
+    created_at: str
+    fingerprint: str
+    parents: tuple[str, ...]
+    files: tuple[dict[str, Any], ...]  # path, sha256, size, url
+    cached_from: str | None
+
+
+@dataclass(frozen=True)
+class RunView:
+    detail: RunDetail
+    artifacts: dict[str, Any] = field(default_factory=dict)  # stage -> typed artifact
+    lineage: tuple[Lineage, ...] = ()
+
+
+def load_view(root: Path, manifest: RunManifest) -> RunView:
+    artifacts: dict[str, Any] = {}
+    problems: list[str] = []
+    for stage in STAGES:
+        try:
+            artifact = load_stage_artifact(root, manifest, stage)
+        except RunError as exc:
+            problems.append(f"{stage}: {exc}")
+            continue
+        if artifact is not None:
+            artifacts[stage] = artifact
+    run_id = manifest.run_id
+    evaluation = artifacts.get("model_evaluation")
+    pusher = artifacts.get("model_pusher")
+    candidates: dict[str, CandidateScores] = {}
+    plots: dict[str, str] = {}
+    gradcam: list[str] = []
+    if evaluation is not None:
+        for c in evaluation.candidates:
+            candidates[c.name] = CandidateScores(
+                validation={"accuracy": c.validation.accuracy, "roc_auc": c.validation.roc_auc},
+                test={"accuracy": c.test.accuracy, "roc_auc": c.test.roc_auc},
+            )
+        plots = {name: artifact_url(run_id, path) for name, path in evaluation.plots.items()}
+        gradcam = [artifact_url(run_id, path) for path in evaluation.gradcam]
+    elif manifest.summary.get("candidates"):
+        candidates = {k: CandidateScores(**v) for k, v in manifest.summary["candidates"].items()}
+    push = None
+    if pusher is not None:
+        push = PushDecision(**{k: v for k, v in to_jsonable(pusher).items() if k in PushDecision.model_fields})
+    base = summary(manifest)
+    detail = RunDetail(
+        **base.model_dump(),
+        stages={name: StageInfo(**to_jsonable(rec)) for name, rec in manifest.stages.items()},
+        candidates=candidates,
+        selection_metric=evaluation.selection_metric if evaluation else manifest.summary.get("selection_metric"),
+        push=push,
+        config=manifest.config,
+        code=manifest.code,
+        pid=manifest.pid,
+        host=manifest.host,
+        plots=plots,
+        gradcam=gradcam,
+        problems=problems,
+    )
+    lineage = tuple(
+        Lineage(
+            stage=stage,
+            artifact_id=a.header.artifact_id,
+            artifact_type=a.header.artifact_type,
+            producer_run=a.header.run_id,
+            created_at=a.header.created_at,
+            fingerprint=a.header.fingerprint,
+            parents=tuple(a.header.parents),
+            files=tuple(
+                {"path": f.path, "sha256": f.sha256, "size": f.size, "url": artifact_url(run_id, f.path)}
+                for f in a.header.files
+            ),
+            cached_from=manifest.stages[stage].cached_from if stage in manifest.stages else None,
+        )
+        for stage, a in artifacts.items()
+    )
+    return RunView(detail=detail, artifacts=artifacts, lineage=lineage)

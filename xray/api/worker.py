@@ -1,0 +1,29 @@
+"""The training worker: ``python -m xray.api.worker train --run-id ID ...`` (the ``xray`` CLI's arguments).
+
+It waits for one ``start`` line on stdin before touching anything. The app
+writes the queued manifest with this process's pid in between, so a run is
+never left with no process answerable for it: if the app dies first, stdin
+closes and the worker exits without starting, and the app's orphan check
+marks the queued run failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+START = "start"
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if sys.stdin.readline().strip() != START:
+        sys.stderr.write("xray worker: no start signal from the app; exiting without starting the run\n")
+        return 3
+    from xray.cli import main as cli_main
+
+    return cli_main(argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
