@@ -83,7 +83,7 @@ overrides = ["trainer.candidates=[densenet121]", "trainer.batch_size=16", "train
              "trainer.max_batches_per_epoch={max_batches}", "trainer.early_stopping_patience=0",
              "transformation.image_size=224", "transformation.val_fraction=0.2", "transformation.test_fraction=0.01",
              "trainer.learning_rate=0.0001", "trainer.weight_decay=0.01", "trainer.warmup_epochs=0",
-             "trainer.class_weighting=false", "ingestion.min_images_per_class=2"]
+             "trainer.class_weighting=none", "ingestion.min_images_per_class=2"]
 config = load_config(None, overrides, data_uri={str(train)!r})
 run = RunDir.create(__import__("pathlib").Path({str(out)!r}), {{}}, "bench")
 code = code_hash()

@@ -95,7 +95,7 @@ def test_auto_image_size_follows_native_resolution(tmp_path: Path) -> None:
 
     assert resolve_image_size("auto", 28) == 64  # MedMNIST: upsampled for DenseNet's 32x downsampling
     assert resolve_image_size("auto", 128) == 128
-    assert resolve_image_size("auto", 2000) == 224
+    assert resolve_image_size("auto", 2000) == 128
     assert resolve_image_size(96, 2000) == 96
     root = class_folder(tmp_path / "data", {"a": 10, "b": 10})  # 40 px images
     artifact, _ = transform(tmp_path, root, "transformation.image_size=auto")

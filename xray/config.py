@@ -22,6 +22,7 @@ _CHOICES = {
     "ingestion.leakage": ("warn", "fail"),
     "trainer.scheduler": ("cosine", "plateau"),
     "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.class_weighting": ("sqrt", "balanced", "none"),
     "trainer.monitor": ("roc_auc", "accuracy", "loss"),
     "trainer.cv_final_model": ("retrain", "best_fold"),
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),

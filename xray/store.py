@@ -173,28 +173,8 @@ class RunDir:
 
     @classmethod
     def create(cls, root: Path, config: dict[str, Any], data_uri: str, run_id: str | None = None) -> RunDir:
-        root.mkdir(parents=True, exist_ok=True)
-        run_id = run_id or new_run_id()
-        path = root / run_id
-        try:
-            path.mkdir()
-        except FileExistsError:
-            if not _is_queued(root, run_id):
-                raise RunError(f"run {run_id} already exists; runs are never overwritten") from None
-        manifest = RunManifest(
-            run_id=run_id,
-            status="running",
-            created_at=utc_now(),
-            data_uri=data_uri,
-            config=config,
-            code=code_version(),
-            environment=environment(),
-            pid=os.getpid(),
-            host=socket.gethostname(),
-        )
-        run = cls(root, manifest)
-        run.save()
-        return run
+        """Start a run; a run id already ``queued`` (by the app) is taken over, any other is refused."""
+        return cls._new(root, config, data_uri, run_id, status="running", pid=os.getpid(), adopt_queued=True)
 
     @classmethod
     def queue(
@@ -205,22 +185,30 @@ class RunDir:
         ``pid`` names the process answerable for it until the worker takes over, so a
         reader can tell a queued run whose owner died from one that is about to start.
         """
+        return cls._new(root, config, data_uri, run_id, status="queued", pid=os.getpid() if pid is None else pid)
+
+    @classmethod
+    def _new(
+        cls, root: Path, config: dict[str, Any], data_uri: str, run_id: str | None, status: str, pid: int,
+        adopt_queued: bool = False,
+    ) -> RunDir:
         root.mkdir(parents=True, exist_ok=True)
         run_id = run_id or new_run_id()
         path = root / run_id
         try:
             path.mkdir()
         except FileExistsError:
-            raise RunError(f"run {run_id} already exists; runs are never overwritten") from None
+            if not (adopt_queued and _is_queued(root, run_id)):
+                raise RunError(f"run {run_id} already exists; runs are never overwritten") from None
         manifest = RunManifest(
             run_id=run_id,
-            status="queued",
+            status=status,
             created_at=utc_now(),
             data_uri=data_uri,
             config=config,
             code=code_version(),
             environment=environment(),
-            pid=os.getpid() if pid is None else pid,
+            pid=pid,
             host=socket.gethostname(),
         )
         run = cls(root, manifest)

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = "data_transformation"
 SPLITS = ("train", "val", "test")
-AUTO_SMALL, AUTO_LARGE = 64, 224
+AUTO_SMALL, AUTO_LARGE = 64, 128
 
 
 def stage_fingerprint(config: PipelineConfig, ingestion: DataIngestionArtifact, code: str) -> str:
@@ -93,7 +93,8 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
 
 def resolve_image_size(setting: int | str, median_side: int) -> int:
     """``auto``: the native size, kept between 64 px (DenseNet downsamples 32x, so MedMNIST's
-    28 px is upsampled) and 224 px (full-size films, where lesions stay several pixels wide)."""
+    28 px is upsampled) and 128 px (full-size films: consolidations stay several pixels wide
+    while DenseNet on two CPU cores trains ~3x faster than at 224)."""
     if setting != "auto":
         return int(setting)
     return max(AUTO_SMALL, min(AUTO_LARGE, median_side // 32 * 32))

@@ -82,7 +82,10 @@ def run(
             candidate.name, scores["val"].roc_auc, scores["val"].accuracy, scores["test"].roc_auc, scores["test"].accuracy,
         )
 
-    best = choose_best(evaluations, cfg.selection_metric)
+    cv_stats = cross_validation_stats(trainer, cfg.selection_metric)
+    cv_means = {name: stats["mean"] for name, stats in cv_stats.items()} or None
+    basis = "cross_validation" if cv_means else "validation"
+    best = choose_best(evaluations, cfg.selection_metric, cv_means)
     best_candidate = next(c for c in trainer.candidates if c.name == best.name)
     report_plots = {
         "roc_curves": plots.roc_curves_png(arrays["test_y"], test_probs, classes, "ROC, test split", out / "roc_curves.png"),
@@ -92,9 +95,12 @@ def run(
     gradcam = _gradcam_gallery(models[best.name], arrays, preprocessing, classes, cfg.gradcam_per_class, test_probs[best.name], out)
     if gradcam is not None:
         report_plots["gradcam"] = gradcam
-    table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out)
+    if cv_stats:
+        fold_values = {c.name: tuple(getattr(f, cfg.selection_metric) for f in c.cv_fold_metrics) for c in trainer.candidates}
+        report_plots["cv_folds"] = plots.folds_png(fold_values, cfg.selection_metric, out / "cv_folds.png")
+    table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out, cv_stats)
     files += [p for k, p in report_plots.items() if k != "confusion_matrix"] + [table_md, table_json]
-    logger.info("best candidate by validation %s: %s", cfg.selection_metric, best.name)
+    logger.info("best candidate by %s %s: %s", basis.replace("_", "-"), cfg.selection_metric, best.name)
     return ModelEvaluationArtifact(
         header=new_header(
             run_dir, ModelEvaluationArtifact, STAGE, stage_fingerprint(config, transformation, trainer, code),
@@ -108,6 +114,8 @@ def run(
         comparison_json=run_dir.relative(table_json),
         plots={k: run_dir.relative(p) for k, p in report_plots.items()},
         gradcam=(run_dir.relative(gradcam),) if gradcam is not None else (),
+        selection_basis=basis,
+        cross_validation=cv_stats,
     )
 
 
@@ -116,9 +124,32 @@ def metric_value(metrics: SplitMetrics, metric: str) -> float:
     return -math.inf if value is None or math.isnan(value) else float(value)
 
 
-def choose_best(evaluations: list[CandidateEvaluation], metric: str) -> CandidateEvaluation:
-    """Highest validation metric; ties go to the better validation loss, then to the earlier candidate."""
-    return max(evaluations, key=lambda e: (metric_value(e.validation, metric), -e.validation.loss))
+def choose_best(
+    evaluations: list[CandidateEvaluation], metric: str, cv_means: dict[str, float] | None = None
+) -> CandidateEvaluation:
+    """Highest validation metric, or its cross-validated mean when given (never test).
+
+    Ties go to the better validation loss, then to the earlier candidate.
+    """
+
+    def primary(e: CandidateEvaluation) -> float:
+        if cv_means is None:
+            return metric_value(e.validation, metric)
+        value = cv_means[e.name]
+        return -math.inf if math.isnan(value) else (-value if metric == "loss" else value)
+
+    return max(evaluations, key=lambda e: (primary(e), -e.validation.loss))
+
+
+def cross_validation_stats(trainer: ModelTrainerArtifact, metric: str) -> dict[str, dict[str, float]]:
+    """Mean, std (ddof=0) and fold count of ``metric`` per candidate; empty unless every candidate was cross-validated."""
+    if not trainer.candidates or not all(c.cv_fold_metrics for c in trainer.candidates):
+        return {}
+    stats = {}
+    for c in trainer.candidates:
+        values = np.array([getattr(f, metric) for f in c.cv_fold_metrics], dtype=np.float64)
+        stats[c.name] = {"mean": float(values.mean()), "std": float(values.std()), "folds": float(len(values))}
+    return stats
 
 
 def _gradcam_gallery(model, arrays, preprocessing, classes, per_class: int, probs: np.ndarray, out: Path) -> Path | None:
@@ -137,7 +168,14 @@ def _gradcam_gallery(model, arrays, preprocessing, classes, per_class: int, prob
     return plots.gallery_png(images, captions, columns=min(6, 2 * per_class), title="Grad-CAM, test images", path=out / "gradcam.png")
 
 
-def _comparison(evaluations, trainer: ModelTrainerArtifact, best: str, metric: str, out: Path) -> tuple[Path, Path]:
+def _comparison(
+    evaluations,
+    trainer: ModelTrainerArtifact,
+    best: str,
+    metric: str,
+    out: Path,
+    cv_stats: dict[str, dict[str, float]] | None = None,
+) -> tuple[Path, Path]:
     by_name = {c.name: c for c in trainer.candidates}
     rows = []
     for e in evaluations:
@@ -157,10 +195,15 @@ def _comparison(evaluations, trainer: ModelTrainerArtifact, best: str, metric: s
             "images_per_second": c.images_per_second,
             "parameters": c.parameters,
         })
+        if cv_stats:
+            stats = cv_stats[e.name]
+            rows[-1].update(cv_mean=stats["mean"], cv_std=stats["std"], cv_folds=int(stats["folds"]))
     json_path = out / "comparison.json"
-    json_path.write_text(json.dumps({"selection_metric": f"validation {metric}", "best": best, "candidates": rows}, indent=2) + "\n")
+    folds = int(next(iter(cv_stats.values()))["folds"]) if cv_stats else 0
+    basis = f"{folds}-fold cross-validated {metric} (mean over folds of train+val)" if cv_stats else f"validation {metric}"
+    json_path.write_text(json.dumps({"selection_metric": basis, "best": best, "candidates": rows}, indent=2) + "\n")
     header = "| candidate | val AUC | val acc | test AUC | test acc | test F1 | test ECE | epochs | img/s | params |"
-    lines = [f"Chosen by validation {metric}: **{best}**", "", header, "|" + "---|" * 10]
+    lines = [f"Chosen by {basis}: **{best}**", "", header, "|" + "---|" * 10]
     for r in rows:
         mark = " ✔" if r["chosen"] else ""
         lines.append(
@@ -168,6 +211,11 @@ def _comparison(evaluations, trainer: ModelTrainerArtifact, best: str, metric: s
             f"{r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['test_ece']:.4f} | {r['epochs_run']} | "
             f"{r['images_per_second']:.0f} | {r['parameters']:,} |"
         )
+    if cv_stats:
+        lines += ["", f"Cross-validation, {metric} per candidate (mean ± std over {folds} folds):", ""]
+        lines += [f"- {r['candidate']}: {r['cv_mean']:.4f} ± {r['cv_std']:.4f}" for r in rows]
+        if any(c.cv_final_model == "retrain" for c in trainer.candidates):
+            lines += ["", "The final models were retrained on train+val, so their validation numbers above are in-sample."]
     md_path = out / "comparison.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, json_path

@@ -96,6 +96,21 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
+class FoldScore:
+    """One cross-validation fold: its best checkpoint scored on the fold's held-out part."""
+
+    fold: int
+    train_size: int
+    val_size: int
+    best_epoch: int
+    epochs_run: int
+    accuracy: float
+    roc_auc: float
+    macro_f1: float
+    loss: float
+
+
+@dataclass(frozen=True)
 class CandidateModel:
     name: str
     checkpoint: str  # run-relative path of the best state_dict
@@ -110,6 +125,10 @@ class CandidateModel:
     device: str
     stopped_early: bool
     cv_scores: tuple[float, ...] = ()  # per-fold validation scores when cv_folds >= 2
+    world_size: int = 1  # processes that trained it (torchrun / DDP); 1: a single process
+    cv_fold_metrics: tuple[FoldScore, ...] = ()  # per-fold metrics when cv_folds >= 2
+    cv_final_model: str | None = None  # retrain | best_fold, when cross-validated
+    cv_retrain_epochs: int | None = None  # epochs of the retrain on train+val (mean best epoch over folds)
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,7 @@ class ModelTrainerArtifact:
     header: ArtifactHeader
     architecture_input: dict[str, int]  # image_size, channels, num_classes
     candidates: tuple[CandidateModel, ...]
+    cross_validation: dict[str, str] = field(default_factory=dict)  # summary_csv, summary_json, assignment_csv
 
 
 @dataclass(frozen=True)
@@ -159,6 +179,8 @@ class ModelEvaluationArtifact:
     comparison_json: str
     plots: dict[str, str]  # name -> run-relative PNG path
     gradcam: tuple[str, ...] = ()
+    selection_basis: str = "validation"  # validation | cross_validation (mean over folds on train+val)
+    cross_validation: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> mean, std, folds
 
 
 @dataclass(frozen=True)

@@ -4,19 +4,32 @@ Each stage takes the config and its upstream artifacts and returns a typed
 artifact. A stage whose fingerprint (its config section, upstream
 fingerprints and the code) matches a finished result is reused from the
 cache instead of recomputed, so a run after a failure resumes cheaply.
+
+Under torchrun (WORLD_SIZE > 1) rank 0 is the run: it creates the one run
+directory, ingests and transforms (or adopts them from the cache), then
+sends the other ranks a plan (run directory, config, transformation
+artifact). Every rank trains its share under DDP; rank 0 alone saves the
+checkpoints, evaluates and pushes, and the other ranks exit 0 when their
+share is done. Any rank's failure surfaces on rank 0 as a failed collective
+(or torchrun's SIGTERM) and the run is marked failed with the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from xray import distributed
 from xray.components import data_ingestion, data_transformation, model_evaluation, model_trainer
 from xray.config import config_to_dict
+from xray.distributed import DistContext
 from xray.entity.artifact_entity import (
     DataIngestionArtifact,
     DataTransformationArtifact,
@@ -42,9 +55,40 @@ logger = logging.getLogger(__name__)
 class RunResult:
     run_id: str
     run_path: Path
-    status: str
+    status: str  # succeeded | failed; on torchrun ranks other than 0: trained | skipped | failed
     reason: str | None
     summary: dict[str, Any]
+    rank: int = 0  # the torchrun rank that returns it; only rank 0 speaks for the run
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Rank 0's one message to the other ranks: what to train, or why there is nothing to do."""
+
+    run_id: str | None
+    run_path: str | None  # absolute: ranks on other nodes need the same shared filesystem
+    config: PipelineConfig | None
+    transformation_artifact: str | None
+    train: bool
+    reason: str | None = None
+
+
+class PlanChannel:
+    """Sends the plan exactly once, whatever happens on rank 0, so no rank waits for a message that never comes."""
+
+    def __init__(self, ctx: DistContext):
+        self._ctx = ctx
+        self.sent = False
+
+    def send(self, plan: TrainPlan) -> None:
+        if self.sent:
+            return
+        self.sent = True
+        distributed.broadcast_object(self._ctx, plan, "sending the plan", setup=True)
+
+    def release(self, reason: str, run: RunDir | None = None) -> None:
+        run_id, path = (run.run_id, str(run.path.resolve())) if run is not None else (None, None)
+        self.send(TrainPlan(run_id, path, None, None, train=False, reason=reason))
 
 
 class RunInterrupted(Exception):
@@ -52,22 +96,80 @@ class RunInterrupted(Exception):
 
 
 def run_pipeline(config: PipelineConfig, run_id: str | None = None) -> RunResult:
+    ctx = distributed.from_env()
+    if ctx is None:
+        return _run(config, run_id)
+    return _run_distributed(config, run_id, ctx)
+
+
+def _run_distributed(config: PipelineConfig, run_id: str | None, ctx: DistContext) -> RunResult:
+    ctx = distributed.init(ctx)
+    peers = distributed.all_gather_object(ctx, (socket.gethostname(), os.getpid()), "start-up")
+    if not ctx.is_lead:
+        return _run_worker(ctx)
+    channel = PlanChannel(ctx)
+    try:
+        result = _run(config, run_id, ctx, channel, distributed.describe(ctx, peers))
+    finally:
+        channel.release("rank 0 stopped before training")  # a no-op once the plan went out
+    if result.status == "succeeded":
+        distributed.shutdown()
+    return result
+
+
+def _run_worker(ctx: DistContext) -> RunResult:
+    """A rank other than 0: wait for the plan, train its share, write nothing."""
+    plan: TrainPlan = distributed.broadcast_object(ctx, None, "waiting for rank 0 to prepare the data", setup=True)
+    path = Path(plan.run_path or ".")
+    if not plan.train:
+        logger.info("rank %d: nothing to train (%s)", ctx.rank, plan.reason)
+        distributed.shutdown()
+        return RunResult(plan.run_id or "", path, "skipped", plan.reason, {}, rank=ctx.rank)
+    assert plan.config is not None and plan.transformation_artifact is not None and plan.run_id is not None
+    try:
+        model_trainer.train_worker(plan.config, path, Path(plan.transformation_artifact), ctx)
+    except Exception as exc:  # noqa: BLE001 - this rank's share failed: say why and exit non-zero
+        reason = str(exc) if isinstance(exc, XrayError) else f"internal error: {type(exc).__name__}: {exc}"
+        logger.error("rank %d failed: %s\n%s", ctx.rank, reason, traceback.format_exc())
+        return RunResult(plan.run_id, path, "failed", reason, {}, rank=ctx.rank)
+    distributed.shutdown()
+    return RunResult(plan.run_id, path, "trained", None, {}, rank=ctx.rank)
+
+
+def _run(
+    config: PipelineConfig,
+    run_id: str | None,
+    ctx: DistContext | None = None,
+    channel: PlanChannel | None = None,
+    dist_info: dict[str, Any] | None = None,
+) -> RunResult:
+    """The run as one process sees it: the single process, or rank 0 of a torchrun job."""
     root = Path(config.artifacts_dir)
     run = RunDir.create(root, config_to_dict(config), config.data_uri, run_id=run_id)
+    if dist_info is not None:
+        run.update(environment={**run.manifest.environment, "distributed": dist_info})
     handler = _attach_run_log(run)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupted) if _in_main_thread() else None
     logger.info("run %s started (data: %s)", run.run_id, config.data_uri)
     try:
-        summary = _execute(config, run)
+        summary = _execute(config, run, ctx, channel)
     except (XrayError, RunInterrupted, KeyboardInterrupt) as exc:
+        _shield_from_sigterm(previous_term if ctx is not None else None)
         reason = str(exc) or "interrupted"
+        if ctx is not None and isinstance(exc, RunInterrupted):
+            reason += " (torchrun stops every rank when one of them fails; see the other ranks' output)"
         logger.error("run %s failed: %s", run.run_id, reason)
         run.finish("failed", reason=reason)
+        if channel is not None:
+            channel.release(f"run failed on rank 0: {reason}", run)
         return RunResult(run.run_id, run.path, "failed", reason, {})
     except Exception as exc:  # noqa: BLE001 - an unexpected fault still must not leave a live-looking run
+        _shield_from_sigterm(previous_term if ctx is not None else None)
         reason = f"internal error: {type(exc).__name__}: {exc}"
         logger.error("run %s failed: %s\n%s", run.run_id, reason, traceback.format_exc())
         run.finish("failed", reason=reason)
+        if channel is not None:
+            channel.release(f"run failed on rank 0: {reason}", run)
         return RunResult(run.run_id, run.path, "failed", reason, {})
     finally:
         if previous_term is not None:
@@ -79,7 +181,9 @@ def run_pipeline(config: PipelineConfig, run_id: str | None = None) -> RunResult
     return RunResult(run.run_id, run.path, "succeeded", None, summary)
 
 
-def _execute(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
+def _execute(
+    config: PipelineConfig, run: RunDir, ctx: DistContext | None = None, channel: PlanChannel | None = None
+) -> dict[str, Any]:
     code = code_hash()
 
     def progress(**fields: Any) -> None:
@@ -94,11 +198,15 @@ def _execute(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
         data_transformation.stage_fingerprint(config, ingestion, code),
         lambda: data_transformation.run(config, run, ingestion, code),
     )
-    trainer = _cached_or_run(
-        run, model_trainer.STAGE, ModelTrainerArtifact,
-        model_trainer.stage_fingerprint(config, transformation, code),
-        lambda: model_trainer.run(config, run, transformation, code, progress=progress),
-    )
+    if ctx is None:
+        trainer = _cached_or_run(
+            run, model_trainer.STAGE, ModelTrainerArtifact,
+            model_trainer.stage_fingerprint(config, transformation, code),
+            lambda: model_trainer.run(config, run, transformation, code, progress=progress),
+        )
+    else:
+        assert channel is not None
+        trainer = _train_distributed(config, run, transformation, code, progress, ctx, channel)
     evaluation = _cached_or_run(
         run, model_evaluation.STAGE, ModelEvaluationArtifact,
         model_evaluation.stage_fingerprint(config, transformation, trainer, code),
@@ -108,16 +216,56 @@ def _execute(config: PipelineConfig, run: RunDir) -> dict[str, Any]:
     return summarize(evaluation, pusher)
 
 
+def _train_distributed(
+    config: PipelineConfig,
+    run: RunDir,
+    transformation: DataTransformationArtifact,
+    code: str,
+    progress: Callable[..., None],
+    ctx: DistContext,
+    channel: PlanChannel,
+) -> ModelTrainerArtifact:
+    """Rank 0's trainer stage: one cache lookup decides whether the other ranks train or go home."""
+    stage = model_trainer.STAGE
+    fp = model_trainer.stage_fingerprint(config, transformation, code, ctx.world_size)
+    run.start_stage(stage)
+    cached = _adopt_if_cached(run, stage, ModelTrainerArtifact, fp)
+    transformation_json = run.path.resolve() / data_transformation.STAGE / "artifact.json"
+    channel.send(TrainPlan(
+        run.run_id, str(run.path.resolve()), config, str(transformation_json),
+        train=cached is None, reason=None if cached is None else "the trainer stage was reused from the cache",
+    ))
+    if cached is not None:
+        return cached
+
+    def train() -> ModelTrainerArtifact:
+        try:
+            return model_trainer.run(config, run, transformation, code, progress=progress, dist=ctx)
+        except RuntimeError as exc:  # a collective failed: a peer rank died, hung or raised
+            raise distributed.failure(ctx, "training", exc) from exc
+
+    return _compute_stage(run, stage, fp, train)
+
+
 def _cached_or_run(run: RunDir, stage: str, cls: type, fp: str, compute: Callable[[], Any]) -> Any:
     run.start_stage(stage)
+    artifact = _adopt_if_cached(run, stage, cls, fp)
+    return artifact if artifact is not None else _compute_stage(run, stage, fp, compute)
+
+
+def _adopt_if_cached(run: RunDir, stage: str, cls: type, fp: str) -> Any | None:
     hit = cache_lookup(run.root, stage, fp)
-    if hit is not None:
-        source_run, _ = hit
-        adopt_cached_stage(run, stage, source_run)
-        artifact = load_typed(cls, run.path / stage / "artifact.json")
-        logger.info("%s: reused from run %s (fingerprint %s), not recomputed", stage, source_run, fp[:12])
-        run.finish_stage(stage, artifact, cached_from=source_run)
-        return artifact
+    if hit is None:
+        return None
+    source_run, _ = hit
+    adopt_cached_stage(run, stage, source_run)
+    artifact = load_typed(cls, run.path / stage / "artifact.json")
+    logger.info("%s: reused from run %s (fingerprint %s), not recomputed", stage, source_run, fp[:12])
+    run.finish_stage(stage, artifact, cached_from=source_run)
+    return artifact
+
+
+def _compute_stage(run: RunDir, stage: str, fp: str, compute: Callable[[], Any]) -> Any:
     artifact = compute()
     run.finish_stage(stage, artifact)
     cache_store(run.root, stage, fp, run.run_id)
@@ -146,6 +294,7 @@ def summarize(evaluation: ModelEvaluationArtifact, pusher: ModelPusherArtifact |
     return {
         "best_candidate": evaluation.best_candidate,
         "selection_metric": evaluation.selection_metric,
+        "selection_basis": evaluation.selection_basis,
         "candidates": {
             c.name: {
                 "validation": {"accuracy": c.validation.accuracy, "roc_auc": c.validation.roc_auc},
@@ -168,6 +317,12 @@ def _attach_run_log(run: RunDir) -> logging.Handler:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     return handler
+
+
+def _shield_from_sigterm(previous: Any) -> None:
+    """While a failure is being recorded, a second SIGTERM (torchrun stopping the other ranks) must not cut it short."""
+    if previous is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
