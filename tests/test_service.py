@@ -1,0 +1,242 @@
+"""The Bento service over real HTTP: a tiny model trained and pushed by `xray train`, served by `bentoml serve`.
+
+One server for the module (training + start-up is most of the time). Limits
+are lowered through the environment so oversize cases stay small and fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli, tiny_args
+from tests.serving_fixtures import (
+    BentoServer,
+    encode,
+    histogram,
+    multipart_body,
+    png_header_claiming,
+    radiograph,
+    start_bento_server,
+    stop_process_group,
+)
+
+MAX_UPLOAD_BYTES = 2_000_000
+MAX_PIXELS = 4_000_000
+CONCURRENT = 32
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BentoServer, str]]:
+    root = tmp_path_factory.mktemp("serving")
+    home = root / "bentoml"
+    trained = run_cli("train", *tiny_args(root / "artifacts"), env={"BENTOML_HOME": str(home)})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    tag = "xray-classifier:" + (home / "models" / "xray-classifier" / "latest").read_text().strip()
+    env = {
+        "XRAY_MODEL_TAG": tag,
+        "XRAY_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "XRAY_MAX_PIXELS": str(MAX_PIXELS),
+        "XRAY_MAX_BATCH_SIZE": "16",
+    }
+    server = start_bento_server(home, root / "serve.log", env)
+    try:
+        yield server, tag
+    finally:
+        stop_process_group(server.process)
+
+
+@pytest.fixture(scope="module")
+def client(served: tuple[BentoServer, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served[0].url, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def metadata(client: httpx.Client) -> dict:
+    response = client.get("/metadata")
+    assert response.status_code == 200
+    return response.json()
+
+
+def post_image(client: httpx.Client, payload: bytes, route: str = "/predict", **kwargs: object) -> httpx.Response:
+    return client.post(route, files={"image": ("xray.png", payload)}, **kwargs)
+
+
+def assert_prediction(response: httpx.Response, metadata: dict, tag: str) -> None:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == tag
+    assert body["label"] in metadata["class_names"]
+    assert set(body["probabilities"]) == set(metadata["class_names"])
+    assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-4
+    assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+
+
+def test_health_endpoints(client: httpx.Client) -> None:
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_metadata_describes_the_served_model(metadata: dict, served: tuple[BentoServer, str]) -> None:
+    assert metadata["model"] == served[1]
+    assert metadata["class_names"] == ["covid", "normal", "pneumonia"]
+    assert metadata["architecture"] == "simple_cnn"
+    assert metadata["image_size"] == 32
+    assert metadata["run_id"] and metadata["data_fingerprint"]
+    assert "test" in metadata["metrics"]
+    assert metadata["serving"]["precision"] in ("bf16", "fp32")
+
+
+def test_predict_png(client: httpx.Client, metadata: dict, served: tuple[BentoServer, str]) -> None:
+    assert_prediction(post_image(client, encode(Image.fromarray(radiograph()))), metadata, served[1])
+
+
+def _sixteen_bit() -> Image.Image:
+    image = Image.fromarray(radiograph().astype(np.uint16) * 257)
+    assert image.mode.startswith("I;16")
+    return image
+
+
+def _palette(transparent: bool) -> Image.Image:
+    image = Image.fromarray(radiograph()).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    if transparent:
+        image.info["transparency"] = 0
+    return image
+
+
+IMAGES = {
+    "grayscale_png": lambda: encode(Image.fromarray(radiograph())),
+    "rgb_jpeg": lambda: encode(Image.fromarray(radiograph()).convert("RGB"), "JPEG", quality=90),
+    "grayscale_jpeg": lambda: encode(Image.fromarray(radiograph()), "JPEG"),
+    "rgba_png": lambda: encode(Image.fromarray(radiograph()).convert("RGBA")),
+    "palette_png": lambda: encode(_palette(False)),
+    "palette_png_transparent": lambda: encode(_palette(True), transparency=0),
+    "16bit_png": lambda: encode(_sixteen_bit()),
+    "large_jpeg": lambda: encode(Image.fromarray(radiograph(1600, 2400)).convert("RGB"), "JPEG", quality=85),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_image_formats_are_accepted(
+    kind: str, client: httpx.Client, metadata: dict, served: tuple[BentoServer, str]
+) -> None:
+    assert_prediction(post_image(client, IMAGES[kind]()), metadata, served[1])
+
+
+def _truncated_png() -> bytes:
+    data = encode(Image.fromarray(radiograph()))
+    return data[: len(data) // 2]
+
+
+def _big_compressible_png() -> bytes:
+    """A real 8000×8000 PNG (64 MP, above the test limit of 4 MP) that is only a few hundred KB."""
+    return encode(Image.new("L", (8000, 8000), 0), optimize=False)
+
+
+# name -> (request kwargs, acceptable statuses)
+BAD_REQUESTS = {
+    "not_an_image": (lambda: {"files": {"image": ("x.png", b"this is not an image")}}, {400}),
+    "zero_bytes": (lambda: {"files": {"image": ("x.png", b"")}}, {400}),
+    "truncated_png": (lambda: {"files": {"image": ("x.png", _truncated_png())}}, {400}),
+    "wrong_field_name": (lambda: {"files": {"file": ("x.png", encode(Image.fromarray(radiograph())))}}, {400}),
+    "image_as_text_field": (lambda: _raw([("image", b"http://127.0.0.1:9/x.png", None)]), {400}),
+    "missing_field": (lambda: _raw([("class_name", b"covid", None)]), {400}),
+    "two_images": (
+        lambda: {"files": [("image", ("a.png", encode(Image.fromarray(radiograph())))), ("image", ("b.png", b"x"))]},
+        {400},
+    ),
+    "not_multipart": (lambda: {"json": {"image": "aGVsbG8="}}, {400, 415}),
+    "broken_multipart": (lambda: {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=z"}}, {400}),
+    "oversize_bytes": (lambda: {"files": {"image": ("x.png", b"\0" * (MAX_UPLOAD_BYTES + 1))}}, {413}),
+    "oversize_chunked": (lambda: {"content": _chunks(MAX_UPLOAD_BYTES + 1), "headers": _multipart_type()}, {413}),
+    "header_claims_too_many_pixels": (lambda: {"files": {"image": ("x.png", png_header_claiming(8000, 8000))}}, {413}),
+    "header_claims_decompression_bomb": (
+        lambda: {"files": {"image": ("x.png", png_header_claiming(100_000, 100_000))}},
+        {400, 413},
+    ),
+    "real_png_too_many_pixels": (lambda: {"files": {"image": ("x.png", _big_compressible_png())}}, {413}),
+}
+
+
+def _raw(parts: list[tuple[str, bytes, str | None]]) -> dict:
+    body, content_type = multipart_body(parts)
+    return {"content": body, "headers": {"content-type": content_type}}
+
+
+def _multipart_type() -> dict[str, str]:
+    return {"content-type": "multipart/form-data; boundary=z"}
+
+
+def _chunks(total: int, size: int = 256 * 1024) -> Iterator[bytes]:
+    """A body without Content-Length (chunked transfer), so only the streaming check can stop it."""
+    sent = 0
+    while sent < total:
+        piece = min(size, total - sent)
+        sent += piece
+        yield b"\0" * piece
+
+
+# The upload checks are shared by both routes; /explain repeats a few of them.
+EXPLAIN_CASES = ("not_an_image", "oversize_bytes", "truncated_png", "wrong_field_name")
+BAD_CASES = [("/predict", case) for case in sorted(BAD_REQUESTS)] + [("/explain", case) for case in EXPLAIN_CASES]
+
+
+@pytest.mark.parametrize(("route", "case"), BAD_CASES)
+def test_bad_input_is_a_4xx_with_a_json_message(route: str, case: str, client: httpx.Client) -> None:
+    make, statuses = BAD_REQUESTS[case]
+    response = client.post(route, **make())
+    assert response.status_code in statuses, (response.status_code, response.text)
+    body = response.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+
+
+def test_explain_returns_a_png_overlay(client: httpx.Client, metadata: dict) -> None:
+    payload = encode(Image.fromarray(radiograph()))
+    for data in (None, {"class_name": metadata["class_names"][1]}):
+        response = post_image(client, payload, route="/explain", data=data)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/png"
+        overlay = Image.open(io.BytesIO(response.content))
+        assert overlay.format == "PNG" and overlay.mode == "RGB"
+        assert overlay.size == (metadata["image_size"], metadata["image_size"])
+
+
+def test_explain_unknown_class_is_400(client: httpx.Client) -> None:
+    response = post_image(client, encode(Image.fromarray(radiograph())), route="/explain", data={"class_name": "nope"})
+    assert response.status_code == 400
+    assert "nope" in response.json()["error"]
+
+
+def test_concurrent_requests_are_batched(served: tuple[BentoServer, str], metadata: dict) -> None:
+    """BentoML's own batch-size histogram (in /metrics) must show forward passes of more than one image."""
+    server, tag = served
+    name = "bentoml_service_adaptive_batch_size"
+    payloads = [encode(Image.fromarray(radiograph(seed=i))) for i in range(CONCURRENT)]
+
+    async def burst() -> tuple[str, list[httpx.Response], str]:
+        limits = httpx.Limits(max_connections=CONCURRENT)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
+            before = (await http.get("/metrics")).text
+            responses = await asyncio.gather(
+                *(http.post("/predict", files={"image": ("x.png", p)}) for p in payloads)
+            )
+            after = (await http.get("/metrics")).text
+        return before, list(responses), after
+
+    before, responses, after = asyncio.run(burst())
+    for response in responses:
+        assert_prediction(response, metadata, tag)
+    count0, sum0, buckets0 = histogram(before, name)
+    count1, sum1, buckets1 = histogram(after, name)
+    calls, images = count1 - count0, sum1 - sum0
+    single = buckets1.get("1.0", 0.0) - buckets0.get("1.0", 0.0)
+    assert images == CONCURRENT, (calls, images)
+    assert calls < CONCURRENT and calls - single >= 1, f"{CONCURRENT} requests ran as {calls} calls ({single} of one image)"
