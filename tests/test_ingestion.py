@@ -113,3 +113,21 @@ def test_demo_snapshot_is_hashed_into_the_run(tmp_path: Path) -> None:
     assert len(artifact.header.files) == 12 + 2  # 12 PNGs, the README, the index
     for record in artifact.header.files:
         assert (run.path / record.path).is_file()
+
+
+def test_decompression_bomb_header_is_refused_as_too_large() -> None:
+    import struct
+    import zlib
+
+    from xray.preprocessing import ImageTooLargeError, open_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    with pytest.raises(ImageTooLargeError, match="more pixels than allowed"):
+        open_image(png)
+    small = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20, 20, 8, 0, 0, 0, 0))
+    with pytest.raises(ImageTooLargeError, match="20x20 pixels, above the limit of 100"):
+        open_image(small + chunk(b"IDAT", zlib.compress(b"\0" * 420)) + chunk(b"IEND", b""), max_pixels=100)

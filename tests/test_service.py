@@ -160,7 +160,7 @@ BAD_REQUESTS = {
     "header_claims_too_many_pixels": (lambda: {"files": {"image": ("x.png", png_header_claiming(8000, 8000))}}, {413}),
     "header_claims_decompression_bomb": (
         lambda: {"files": {"image": ("x.png", png_header_claiming(100_000, 100_000))}},
-        {400, 413},
+        {413},
     ),
     "real_png_too_many_pixels": (lambda: {"files": {"image": ("x.png", _big_compressible_png())}}, {413}),
 }
