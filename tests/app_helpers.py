@@ -19,22 +19,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from tests.conftest import TINY
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TOKEN = "train-token-0123456789abcdef"
 READ_TOKEN = "read-token-fedcba9876543210"
 TERMINAL = ("succeeded", "failed")
 
-# Fast settings for an end-to-end run through the API (see conftest.TINY).
-TINY_OVERRIDES = [
-    "trainer.epochs=1",
-    "trainer.candidates=[simple_cnn]",
-    "trainer.batch_size=16",
-    "transformation.image_size=32",
-    "ingestion.demo_images_per_class=12",
-    "ingestion.min_images_per_class=5",
-    "evaluation.gradcam_per_class=1",
-    "gate.min_roc_auc=0",
-]
+# Fast settings for an end-to-end run through the API: the same as the CLI tests use.
+TINY_OVERRIDES = list(TINY)
 
 
 def free_port() -> int:
