@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.conftest import TINY
+from tests.conftest import TINY, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TOKEN = "train-token-0123456789abcdef"
@@ -62,16 +62,8 @@ class AppServer:
                 command, cwd=REPO, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT
             )
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if wait_until_ready(self.process, f"{self.url}/healthz", timeout_s, self.log_tail):
+            return self
         self.stop()
         raise RuntimeError(f"the app did not come up in {timeout_s}s:\n{self.log_tail()}")
 

@@ -51,3 +51,25 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, tim
     return subprocess.run(
         [sys.executable, "-m", "xray", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float, log_tail) -> bool:
+    """Poll ``url`` until it answers 200; raise with the server's log if the process dies first.
+
+    Returns False when ``timeout_s`` passes, so the caller stops the server its own way.
+    """
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}:\n{log_tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return False

@@ -13,14 +13,14 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
+
+from tests.conftest import wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOML = Path(sys.executable).with_name("bentoml")
@@ -52,16 +52,8 @@ def start_bento_server(bentoml_home: Path, log: Path, env: dict[str, str], timeo
             command, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     server = BentoServer(url=f"http://127.0.0.1:{port}", process=process, log=log)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    if wait_until_ready(process, f"{server.url}/readyz", timeout_s, server.log_tail):
+        return server
     stop_process_group(process)
     raise RuntimeError(f"bentoml serve not ready after {timeout_s}s:\n{server.log_tail()}")
 
