@@ -23,7 +23,6 @@ import pytest
 
 from tests.app_helpers import (
     READ_TOKEN,
-    REPO,
     TINY_OVERRIDES,
     TRAIN_TOKEN,
     AppServer,
@@ -32,6 +31,7 @@ from tests.app_helpers import (
     start_training,
     wait_for_run,
 )
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -93,15 +93,7 @@ def test_train_end_to_end(server: AppServer, trained: dict) -> None:
         assert manifest.status_code == 200 and manifest.json()["status"] == "succeeded"
         verify = client.get(f"/runs/{run_id}/verify").json()
         assert verify["ok"] and verify["checked"] > 5
-    out = subprocess.run(
-        [sys.executable, "-m", "xray", "runs", "--artifacts", str(server.artifacts), "list"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"},
-    )
+    out = run_cli("runs", "--artifacts", str(server.artifacts), "list", timeout=60)
     assert out.returncode == 0, out.stderr
     assert run_id in out.stdout and "succeeded" in out.stdout
 
@@ -306,14 +298,7 @@ def test_restart_shows_the_same_runs_and_fails_orphans(server: AppServer, traine
             assert refused.status_code == 503 and "XRAY_TRAIN_TOKENS" in refused.json()["detail"]
     finally:
         server.restart(XRAY_TRAIN_TOKENS=TRAIN_TOKEN)
-    listed = subprocess.run(
-        [sys.executable, "-m", "xray", "runs", "--artifacts", str(server.artifacts), "list"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    listed = run_cli("runs", "--artifacts", str(server.artifacts), "list", timeout=60)
     assert orphan.run_id in listed.stdout and "running" not in listed.stdout
 
 
