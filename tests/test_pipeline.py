@@ -51,6 +51,8 @@ def test_runs_list_show_and_verify(first_run: tuple[Path, str, str]) -> None:
     artifacts, run_id, _ = first_run
     listing = run_cli("runs", "--artifacts", str(artifacts), "list")
     assert listing.returncode == 0 and run_id in listing.stdout and "succeeded" in listing.stdout
+    after = run_cli("runs", "list", "--artifacts", str(artifacts))  # the option after the subcommand too
+    assert after.returncode == 0 and after.stdout == listing.stdout
     shown = run_cli("runs", "--artifacts", str(artifacts), "show", run_id, "--json")
     report = json.loads(shown.stdout)
     assert report["chosen_model"] == "simple_cnn"

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xray: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `xray runs list | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list, show and verify runs")
     runs.add_argument("--artifacts", default=None, help="artifacts root (default: from config, else ./artifacts)")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
-    runs_sub.add_parser("list", help="one line per run").set_defaults(handler=cmd_runs_list)
-    show = runs_sub.add_parser("show", help="a run's manifest, metrics and chosen model")
+    # --artifacts is accepted after the subcommand too (`xray runs list --artifacts DIR`).
+    artifacts_option = argparse.ArgumentParser(add_help=False)
+    artifacts_option.add_argument("--artifacts", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    runs_sub.add_parser("list", help="one line per run", parents=[artifacts_option]).set_defaults(handler=cmd_runs_list)
+    show = runs_sub.add_parser("show", help="a run's manifest, metrics and chosen model", parents=[artifacts_option])
     show.add_argument("run_id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_runs_show)
-    verify = runs_sub.add_parser("verify", help="re-hash every file a run records")
+    verify = runs_sub.add_parser("verify", help="re-hash every file a run records", parents=[artifacts_option])
     verify.add_argument("run_id")
     verify.set_defaults(handler=cmd_runs_verify)
 
