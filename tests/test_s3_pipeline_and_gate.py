@@ -10,7 +10,7 @@ import pytest
 
 from tests.s3_fixtures import ACCESS_KEY, SECRET_KEY, TEST_BUCKET, requires_weed, seaweed_server  # noqa: F401
 from xray.sources.s3 import S3Settings, upload_dir
-from xray.store import load_manifest, load_stage_artifact
+from xray.store import load_manifest, load_stage_artifact, sha256_file
 
 from .conftest import run_cli, tiny_args
 from .data_builders import class_folder
@@ -62,6 +62,10 @@ def test_s3_training_records_objects_pushes_and_gates(s3_dataset, tmp_path: Path
     pusher = load_stage_artifact(artifacts, manifest, "model_pusher")
     assert pusher.pushed and pusher.model_tag.startswith("xray-classifier:")
     assert pusher.production_before is None
+    stored = tmp_path / "bentoml" / "models" / "xray-classifier" / pusher.model_tag.split(":")[1]
+    spec = json.loads((stored / "model.json").read_text())
+    assert sha256_file(stored / "weights.pt") == spec["weights_sha256"]  # the checkpoint, byte for byte
+    assert spec["weights_sha256"] == sha256_file(artifacts / first_id / "model_trainer" / f"{spec['architecture']}.pt")
     assert run_cli("runs", "--artifacts", str(artifacts), "verify", first_id).returncode == 0
 
     # The same data again: nothing downloaded, transformation reused, and the gate compares with production.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -30,8 +29,3 @@ def gradcam_overlays(
         rgb = np.repeat((image.astype(np.float32) / 255.0)[..., None], 3, axis=2)
         overlays.append(show_cam_on_image(rgb, mask, use_rgb=True, image_weight=0.6))
     return overlays
-
-
-def load_checkpoint(model: nn.Module, path) -> nn.Module:
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()

@@ -105,5 +105,11 @@ def gradcam_target_layer(model: nn.Module) -> nn.Module:
     return model.features[-1]  # DenseNet: final norm5 (its ReLU is functional)
 
 
+def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
+    """Weights saved by the trainer (a state_dict), loaded on CPU without unpickling code."""
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

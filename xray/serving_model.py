@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
-from xray.models import build_model
+from xray.models import build_model, load_checkpoint
 from xray.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
 
@@ -53,8 +54,9 @@ class LoadedModel:
         return predict_proba(self.model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size)
 
 
-def write_model_dir(path: Path, spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> None:
-    torch.save(state_dict, path / WEIGHTS)
+def write_model_dir(path: Path, spec: ModelSpec, checkpoint: Path) -> None:
+    """Copy the checkpoint byte for byte, so ``weights.pt`` matches ``spec.weights_sha256``."""
+    shutil.copyfile(checkpoint, path / WEIGHTS)
     (path / SPEC).write_text(json.dumps(to_jsonable(spec), indent=2) + "\n")
 
 
@@ -67,7 +69,7 @@ def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> Loaded
     path = Path(path)
     spec = read_spec(path)
     model = build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
-    model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+    load_checkpoint(model, path / WEIGHTS)
     device = choose_device()
     model = prepare_model(model, device).eval()
     return LoadedModel(spec=spec, model=model, device=device, precision=choose_precision(device, precision), tag=tag)

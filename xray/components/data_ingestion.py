@@ -234,11 +234,7 @@ def load_npz_split(archive: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarra
 def _snapshot_s3(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, tuple[SourceObject, ...]]:
     from xray.sources.s3 import S3Settings, parse_s3_uri, sync_prefix
 
-    s3 = config.ingestion.s3
-    settings = S3Settings(
-        endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile,
-        max_concurrency=s3.max_concurrency, max_attempts=s3.max_attempts,
-    )
+    settings = S3Settings.from_config(config.ingestion.s3)
     bucket, prefix = parse_s3_uri(uri)
     mirror = run_dir.root / ".s3-mirror" / bucket / hashlib.sha256(prefix.encode()).hexdigest()[:16]
     records = sync_prefix(uri, mirror, settings)

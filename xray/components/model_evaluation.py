@@ -23,10 +23,10 @@ from xray.entity.artifact_entity import (
     SplitMetrics,
 )
 from xray.entity.config_entity import PipelineConfig
-from xray.explain import gradcam_overlays, load_checkpoint
+from xray.explain import gradcam_overlays
 from xray.inference import choose_device, prepare_model, predict_proba
 from xray.metrics import compute_metrics
-from xray.models import build_model
+from xray.models import build_model, load_checkpoint
 from xray.store import RunDir, fingerprint, new_header
 from xray.typed import to_jsonable
 

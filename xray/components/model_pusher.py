@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
-import torch
 
 from xray.components.data_transformation import split_pixels
+from xray.components.model_evaluation import metric_value
 from xray.components.model_trainer import preprocessing_of
 from xray.entity.artifact_entity import (
     DataIngestionArtifact,
@@ -53,7 +52,7 @@ def run(
     for name, per_class in test.per_class.items():
         if per_class.recall < gate.min_class_recall:
             reasons.append(f"recall of {name} {per_class.recall:.4f} is below gate.min_class_recall {gate.min_class_recall}")
-    candidate_score = _score(test, metric)
+    candidate_score = metric_value(test, metric)
 
     production_tag, production_score = None, None
     production = production_model_dir(push.model_name) if gate.compare_with_production else None
@@ -66,7 +65,7 @@ def run(
         else:
             pixels, labels = split_pixels(run_dir.path, ingestion, transformation, "test", prod.spec.preprocessing.image_size)
             prod_metrics = compute_metrics(labels, prod.predict_proba(pixels), transformation.class_names)
-            production_score = _score(prod_metrics, metric)
+            production_score = metric_value(prod_metrics, metric)
             if candidate_score < production_score:
                 reasons.append(
                     f"test {metric} {candidate_score:.4f} is below production {production_tag} "
@@ -104,11 +103,6 @@ def run(
         ),
         **artifact_fields,
     )
-
-
-def _score(metrics, metric: str) -> float:
-    value = getattr(metrics, metric)
-    return -math.inf if value is None or math.isnan(value) else float(value)
 
 
 def _push_to_bentoml(
@@ -150,7 +144,7 @@ def _push_to_bentoml(
         with bentoml.models.create(config.push.model_name, labels=labels, metadata=metadata) as model:
             from pathlib import Path
 
-            write_model_dir(Path(model.path), spec, torch.load(checkpoint, map_location="cpu", weights_only=True))
+            write_model_dir(Path(model.path), spec, checkpoint)
     except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
         raise XrayError(f"push to BentoML model store failed: {exc}") from exc
     return str(model.tag)
@@ -161,9 +155,7 @@ def _upload_to_s3(config: PipelineConfig, run_dir: RunDir, evaluation: ModelEval
         return []
     from xray.sources.s3 import S3Settings, upload_file
 
-    s3 = config.ingestion.s3
-    settings = S3Settings(endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile,
-                          max_concurrency=s3.max_concurrency, max_attempts=s3.max_attempts)
+    settings = S3Settings.from_config(config.ingestion.s3)
     base = config.push.s3_uri.rstrip("/") + f"/{model_tag.replace(':', '/')}"
     uris = [upload_file(run_dir.path / evaluation.best_checkpoint, f"{base}/weights.pt", settings)]
     uris.append(upload_file(run_dir.path / evaluation.comparison_json, f"{base}/comparison.json", settings))

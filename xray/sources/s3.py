@@ -56,6 +56,7 @@ from s3transfer.exceptions import (
 from s3transfer.subscribers import BaseSubscriber
 from tqdm import tqdm
 
+from xray.entity.config_entity import S3Config
 from xray.errors import SourceError
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,14 @@ class S3Settings:
     max_concurrency: int = 8
     max_attempts: int = 5  # botocore "standard" retries: backoff on transient errors
     connect_timeout_s: float = 5.0
+
+    @classmethod
+    def from_config(cls, s3: S3Config) -> S3Settings:
+        """The pipeline's ``ingestion.s3`` section, used alike for ingestion and the pusher's upload."""
+        return cls(
+            endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile,
+            max_concurrency=s3.max_concurrency, max_attempts=s3.max_attempts,
+        )
 
 
 @dataclass(frozen=True)
