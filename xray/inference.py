@@ -65,9 +65,10 @@ def predict_logits(
 ) -> torch.Tensor:
     """uint8 ``N×H×W`` -> float32 logits ``N×C`` (on CPU)."""
     model.eval()
+    dtype = next(model.parameters()).dtype  # a bf16 model takes bf16 input
     outputs = []
     for start in range(0, len(pixels), batch_size):
-        x = preprocessing.to_tensor(pixels[start : start + batch_size]).to(device, non_blocking=True)
+        x = preprocessing.to_tensor(pixels[start : start + batch_size]).to(device, dtype, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):

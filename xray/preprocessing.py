@@ -54,8 +54,10 @@ def open_image(
 ) -> Image.Image:
     """Decode fully (truncated files fail here, not later), refusing oversize images first.
 
-    ``draft_size`` lets JPEG decode at a reduced scale, which is far faster
-    for multi-megapixel films that end up at a few hundred pixels anyway;
+    ``draft_size`` lets JPEG decode at a reduced scale (1/2 to 1/8, in the
+    DCT, still at least ``draft_size`` on each side) and only its luma
+    channel, which is far faster for multi-megapixel films that end up at a
+    few hundred grey pixels anyway;
     ``keep_size`` records the stored size in ``image.info["xray_original_size"]``.
     """
     try:
@@ -66,7 +68,7 @@ def open_image(
         if keep_size:
             image.info["xray_original_size"] = (width, height)
         if draft_size is not None and image.format == "JPEG":
-            image.draft(image.mode, (draft_size, draft_size))
+            image.draft("L", (draft_size, draft_size))
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
@@ -111,6 +113,6 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
 
 def load_pixels(data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes or a file -> the uint8 ``size×size`` array a model sees."""
-    image = open_image(data, max_pixels=max_pixels, draft_size=size * 2)
+    image = open_image(data, max_pixels=max_pixels, draft_size=size)
     return resize_square(to_grayscale_array(image), size)
 

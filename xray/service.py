@@ -8,17 +8,19 @@ service is a plain Python call):
   shared ``xray.preprocessing`` path in a small thread pool, turns bad input
   into 400/413 JSON, and sends the ``1×H×W`` pixels to ...
 * ``XrayModel`` (internal, reached through ``bentoml.depends``): holds the
-  model (bf16 autocast + channels_last where the CPU has bf16) and serves a
+  model (bf16 weights + channels_last where the CPU has bf16) and serves a
   ``batchable`` ``classify``. Under ``bentoml serve`` it runs in its own
-  process, so concurrent front requests meet in its adaptive-batching
-  dispatcher and run as one forward pass; the batch sizes show up in
-  ``/metrics`` as ``bentoml_service_adaptive_batch_size``.
+  processes (two by default, the cores split between them: a DenseNet at
+  batch 1-4 scales poorly across threads, two workers don't), so concurrent
+  front requests meet in an adaptive-batching dispatcher and run as one
+  forward pass; the batch sizes show up in ``/metrics`` as
+  ``bentoml_service_adaptive_batch_size``.
 
 Settings come from the environment when the module is imported (the batch
 limits are decorator arguments): ``XRAY_MODEL_TAG``, ``XRAY_MAX_UPLOAD_BYTES``,
 ``XRAY_MAX_PIXELS``, ``XRAY_MAX_BATCH_SIZE``, ``XRAY_MAX_LATENCY_MS``,
 ``XRAY_PRECISION``, ``XRAY_DECODE_THREADS``, ``XRAY_MAX_CONCURRENCY``,
-``XRAY_FRONT_WORKERS``.
+``XRAY_FRONT_WORKERS``, ``XRAY_MODEL_WORKERS``, ``XRAY_MODEL_THREADS``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class ServingSettings:
     decode_threads: int = 2  # concurrent image decodes (each may hold a large image)
     max_concurrency: int = 64  # in-flight requests per front worker; beyond: 503
     front_workers: int = 1
+    model_workers: int = 2  # single-threaded model processes: at small batches two beat one with two threads
+    model_threads: int = 0  # torch threads per model worker; 0 = the machine's cores / model_workers
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
@@ -87,7 +91,12 @@ class ServingSettings:
             decode_threads=number("XRAY_DECODE_THREADS", defaults.decode_threads),
             max_concurrency=number("XRAY_MAX_CONCURRENCY", defaults.max_concurrency),
             front_workers=number("XRAY_FRONT_WORKERS", defaults.front_workers),
+            model_workers=number("XRAY_MODEL_WORKERS", defaults.model_workers),
+            model_threads=number("XRAY_MODEL_THREADS", defaults.model_threads),
         )
+
+    def threads_per_model_worker(self) -> int:
+        return self.model_threads or max(1, (os.cpu_count() or 1) // self.model_workers)
 
 
 SETTINGS = ServingSettings.from_env()
@@ -213,7 +222,7 @@ class UploadGuard:
 
 
 @bentoml.service(
-    workers=1,
+    workers=SETTINGS.model_workers,
     threads=1,  # classify and explain share one model; the batcher already runs one batch at a time
     traffic={"timeout": 120},
 )
@@ -227,6 +236,7 @@ class XrayModel:
 
         from xray.serving_model import load_model_dir
 
+        torch.set_num_threads(SETTINGS.threads_per_model_worker())
         self.loaded = load_model_dir(Path(self.model_ref.path), SETTINGS.precision, tag=str(self.model_ref.tag))
         self.image_size = self.loaded.spec.preprocessing.image_size
         # oneDNN builds kernels per input shape: pay for the common batch sizes now, not in the first requests.

@@ -8,6 +8,7 @@ they cannot disagree on preprocessing.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -44,14 +45,21 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """``model`` is the fp32 original (Grad-CAM needs fp32 gradients); predictions go through
+    ``inference_model``, a bf16 copy where bf16 was chosen on a CPU: bf16 weights skip the
+    per-call weight casts of autocast (~10 % faster at batch 8 here)."""
+
     spec: ModelSpec
     model: nn.Module
+    inference_model: nn.Module
     device: torch.device
     precision: str
     tag: str = ""
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        return predict_proba(self.model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size)
+        return predict_proba(
+            self.inference_model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size
+        )
 
 
 def write_model_dir(path: Path, spec: ModelSpec, checkpoint: Path) -> None:
@@ -72,7 +80,9 @@ def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> Loaded
     load_checkpoint(model, path / WEIGHTS)
     device = choose_device()
     model = prepare_model(model, device).eval()
-    return LoadedModel(spec=spec, model=model, device=device, precision=choose_precision(device, precision), tag=tag)
+    precision = choose_precision(device, precision)
+    inference_model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" and device.type == "cpu" else model
+    return LoadedModel(spec, model, inference_model, device, precision, tag)
 
 
 def production_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> tuple[str, Path] | None:
