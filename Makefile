@@ -30,7 +30,7 @@ demo: install
 	$(PY) scripts/s3_server.py start --dir $(DEMO_DIR)/s3 --port $(S3_PORT) --bucket xray-data
 	set -o pipefail; trap '$(PY) scripts/s3_server.py stop --dir $(DEMO_DIR)/s3 --port $(S3_PORT)' EXIT; \
 	$(DEMO_S3) $(XRAY) data upload $(DEMO_DIR)/data s3://xray-data/demo && \
-	$(DEMO_S3) $(XRAY) train --data s3://xray-data/demo
+	$(DEMO_S3) $(XRAY) train --data s3://xray-data/demo --set trainer.min_steps=0
 	@echo "Runs: $(XRAY) runs list   |   serve: $(VENV)/bin/bentoml serve xray.service:XrayClassifier"
 
 # Headless Chromium for the page tests (Debian's package; tests skip with a message without it).

@@ -47,6 +47,7 @@ def train_args(args: argparse.Namespace, artifacts: Path, threads: int = 0) -> l
         f"trainer.epochs={args.epochs}",
         f"trainer.batch_size={args.batch_size}",
         "trainer.early_stopping_patience=0",
+        "trainer.min_steps=0",  # exactly --epochs, whatever the dataset size
         f"transformation.image_size={args.image_size}",
         f"ingestion.demo_images_per_class={args.per_class}",
         "evaluation.gradcam_per_class=0",

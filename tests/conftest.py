@@ -17,6 +17,7 @@ COVID3 = SHARED / "datasets" / "covid19-3class" / "train"
 # Fast settings for end-to-end runs: a few images, one short epoch.
 TINY = [
     "trainer.epochs=1",
+    "trainer.min_steps=0",
     "trainer.candidates=[simple_cnn]",
     "trainer.batch_size=16",
     "transformation.image_size=32",

@@ -16,7 +16,7 @@ from .test_pipeline import run_id_of
 def test_pneumoniamnist_simple_cnn_reaches_auc_090(tmp_path: Path) -> None:
     artifacts = tmp_path / "artifacts"
     overrides = [
-        "trainer.candidates=[simple_cnn]", "trainer.epochs=2", "transformation.image_size=32",
+        "trainer.candidates=[simple_cnn]", "trainer.epochs=2", "trainer.min_steps=0", "transformation.image_size=32",
         "ingestion.class_names=[normal,pneumonia]", "push.enabled=false", f"artifacts_dir={artifacts}",
         "evaluation.gradcam_per_class=1",
     ]

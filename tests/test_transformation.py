@@ -93,10 +93,11 @@ def test_augmentation_changes_pixels_but_keeps_shape_and_range() -> None:
 def test_auto_image_size_follows_native_resolution(tmp_path: Path) -> None:
     from xray.components.data_transformation import resolve_image_size
 
-    assert resolve_image_size("auto", 28) == 64  # MedMNIST: upsampled for DenseNet's 32x downsampling
+    assert resolve_image_size("auto", 28) == 32  # MedMNIST: up to DenseNet's 32x downsampling
+    assert resolve_image_size("auto", 70) == 64
     assert resolve_image_size("auto", 128) == 128
     assert resolve_image_size("auto", 2000) == 128
     assert resolve_image_size(96, 2000) == 96
     root = class_folder(tmp_path / "data", {"a": 10, "b": 10})  # 40 px images
     artifact, _ = transform(tmp_path, root, "transformation.image_size=auto")
-    assert artifact.image_size == 64
+    assert artifact.image_size == 32

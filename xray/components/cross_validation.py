@@ -145,12 +145,12 @@ def cross_validate(
         )
     epochs = None
     if cfg.cv_final_model == "retrain":
-        epochs = retrain_epochs(best_epochs, cfg.epochs)
+        epochs = retrain_epochs(best_epochs, max(cfg.epochs, *best_epochs))  # min_steps may have stretched them
         pool = dataclasses.replace(data, train_x=plan.x, train_y=plan.y, val_x=plan.x[:0], val_y=plan.y[:0])
         if lead:
             logger.info("%s: retraining on all %d train+val images for %d epochs", name, len(plan.y), epochs)
         report = None if progress is None else functools.partial(progress, fold="final", folds=plan.k)
-        final = fit(name, pool, dataclasses.replace(cfg, epochs=epochs, early_stopping_patience=0), progress=report, dist=dist)
+        final = fit(name, pool, dataclasses.replace(cfg, epochs=epochs, early_stopping_patience=0, min_steps=0), progress=report, dist=dist)
         final = dataclasses.replace(final, best_score=float(np.mean(scores)))  # nothing held out: the CV mean stands in
     else:
         final = best[1]

@@ -50,16 +50,17 @@ class TransformationConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     candidates: tuple[str, ...] = ("simple_cnn", "densenet121")
-    epochs: int = 20
-    batch_size: int = 32
+    epochs: int = 30
+    batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     scheduler: str = "cosine"  # cosine | plateau
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
     precise_bn_images: int = 1024  # recompute BatchNorm statistics on this many clean train images per epoch
-    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights
-    early_stopping_patience: int = 6
+    ema_epochs: float = 0.0  # > 0: validate and keep a moving average of the weights over about this many epochs
+    early_stopping_patience: int = 10
+    min_steps: int = 0  # small datasets: stretch epochs (and warmup, patience) to at least this many optimizer steps
     monitor: str = "roc_auc"  # validation metric for early stopping and the best checkpoint
     class_weighting: str = "sqrt"  # sqrt | balanced | none: inverse-frequency loss weights
     weights: str = "none"  # none | imagenet | path to a torchvision state_dict
