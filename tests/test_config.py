@@ -37,6 +37,8 @@ def test_overrides_parse_yaml_values() -> None:
         ("trainer.epochs=0", "trainer.epochs must be positive"),
         ("transformation.augment.hflip=maybe", "expected true or false"),
         ("trainer.cv_folds=1", "cv_folds"),
+        ("trainer.min_steps=-1", "trainer.min_steps must not be negative"),
+        ("trainer.ema_epochs=-0.5", "trainer.ema_epochs must not be negative"),
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:

@@ -239,3 +239,21 @@ def test_concurrent_requests_are_batched(served: tuple[BentoServer, str], metada
     single = buckets1.get("1.0", 0.0) - buckets0.get("1.0", 0.0)
     assert images == CONCURRENT, (calls, images)
     assert calls < CONCURRENT and calls - single >= 1, f"{CONCURRENT} requests ran as {calls} calls ({single} of one image)"
+
+
+@pytest.mark.parametrize("name", ["XRAY_MODEL_WORKERS", "XRAY_MODEL_THREADS"])
+def test_a_bad_worker_setting_is_refused_with_its_name(tmp_path, name: str) -> None:
+    """The service settings are read at import: a bad value must name itself, not fail later in a worker."""
+    import subprocess
+    import sys
+
+    code = (
+        "from xray.service import ServingSettings\n"
+        f"ServingSettings.from_env({{{name!r}: '0'}})\n"
+    )
+    env = {"BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert f"{name} must be a positive integer, got '0'" in done.stderr
+    good = "from xray.service import ServingSettings\nprint(ServingSettings.from_env({'XRAY_MODEL_WORKERS': '2', 'XRAY_MODEL_THREADS': '3'}).threads_per_model_worker())"
+    assert subprocess.run([sys.executable, "-c", good], capture_output=True, text=True, env=env, timeout=120).stdout.strip() == "3"

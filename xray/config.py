@@ -108,6 +108,9 @@ def validate(config: PipelineConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config: {key} must be positive, got {value}")
+    for key, value in {"trainer.min_steps": trainer.min_steps, "trainer.ema_epochs": trainer.ema_epochs}.items():
+        if value < 0:
+            raise ConfigError(f"config: {key} must not be negative (0 turns it off), got {value}")
     size = config.transformation.image_size
     if size != "auto" and (isinstance(size, str) or not 32 <= size <= 1024):
         raise ConfigError(f"config: transformation.image_size must be 'auto' or between 32 and 1024, got {size!r}")
