@@ -228,8 +228,8 @@ def verify_run(root: Path, run_id: str, public_key: Path | None = None) -> Verif
             problems.append(f"missing: {SEAL} (the ledger records a final seal of this run, entry {finals[-1].seq})")
         else:
             status = _status(run_path)
-            if status in UNSEALED_STATUSES and not problems:
-                return Verification(run_id, False, 0, (), f"run {run_id} is {status}: not sealed yet "
+            if status in UNSEALED_STATUSES:
+                return Verification(run_id, False, 0, tuple(problems), f"run {run_id} is {status}: not sealed yet "
                                     "(a run is sealed when it ends)")
             problems.append(f"not sealed: the run is {status or 'of unknown status'} but has no {SEAL} "
                             "and no ledger entry")
@@ -262,6 +262,9 @@ def verify_run(root: Path, run_id: str, public_key: Path | None = None) -> Verif
         problems += [f"at seal time: {p}" for p in (at_seal if isinstance(at_seal, list) else [at_seal])]
 
     evidence_digest = document.body.get("evidence_seal")
+    if evidence_digest is not None and not isinstance(evidence_digest, str):
+        problems.append("seal: malformed evidence_seal")
+        evidence_digest = None
     if evidence_digest:
         problems += _check_evidence(run_path, key, run_id, evidence_digest, sealed_files, entries)
     checked = len(found.files)
