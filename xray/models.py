@@ -103,7 +103,7 @@ def _load_pretrained(name: str, imagenet: tv_models.WeightsEnum, weights: str) -
 def gradcam_target_layer(model: nn.Module) -> nn.Module:
     """The last spatial feature map: where Grad-CAM has both resolution and semantics."""
     if isinstance(model, SimpleCNN):
-        return model.features[-1][-3]  # last block's final ReLU, before pooling
+        return model.features[-1][-3]  # last block's final BatchNorm (its ReLU is in-place), before pooling
     return model.features[-1]  # DenseNet: final norm5 (its ReLU is functional)
 
 
