@@ -14,7 +14,9 @@ import torch
 from xray.inference import predict_proba
 from xray.models import build_model
 from xray.preprocessing import Preprocessing
-from xray.serving_model import SPEC, WEIGHTS, ModelSpec, load_model_dir, production_model_dir, read_spec, write_model_dir
+from xray.serving_model import (
+    SPEC, WEIGHTS, ModelSpec, load_model_dir, production_model_dir, read_spec, write_model_dir,
+)
 from xray.store import sha256_file
 
 CLASSES = ("covid", "normal", "pneumonia")

@@ -58,7 +58,8 @@ class LoadedModel:
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return predict_proba(
-            self.inference_model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size
+            self.inference_model, pixels, self.spec.preprocessing, self.device,
+            precision=self.precision, batch_size=batch_size,
         )
 
 
