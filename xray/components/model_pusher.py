@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
-
+from xray import registry
 from xray.components.data_transformation import split_pixels
 from xray.components.model_evaluation import metric_value
 from xray.components.model_trainer import preprocessing_of
@@ -74,12 +75,18 @@ def run(
 
     model_tag, s3_uris = None, []
     if not reasons:
+        previous = registry.production_tag(push.model_name)
         model_tag = _push_to_bentoml(config, run_dir, ingestion, transformation, evaluation)
         s3_uris = _upload_to_s3(config, run_dir, evaluation, model_tag)
         verdict = [f"passed the gate; pushed as {model_tag}"]
         if production_score is not None:
             verdict.append(f"test {metric} {candidate_score:.4f} >= production {production_tag} ({production_score:.4f})")
         reasons = verdict
+        registry.record_change(
+            push.model_name, "gate", previous, model_tag,
+            f"run {run_dir.run_id}: test {metric} {candidate_score:.4f}; " + "; ".join(verdict),
+            who=f"gate ({registry.current_user()})",
+        )
         logger.info("model_pusher: %s", "; ".join(reasons))
     else:
         logger.warning("model_pusher: %s not pushed: %s", best.name, "; ".join(reasons))
@@ -105,6 +112,26 @@ def run(
     )
 
 
+def model_spec(
+    run_id: str,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    evaluation: ModelEvaluationArtifact,
+    checkpoint: Path,
+) -> ModelSpec:
+    """The chosen model's spec: what the pusher stores and what an MLflow export logs."""
+    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    return ModelSpec(
+        architecture=best.name,
+        class_names=transformation.class_names,
+        preprocessing=preprocessing_of(transformation),
+        run_id=run_id,
+        data_fingerprint=ingestion.data_fingerprint,
+        weights_sha256=sha256_file(checkpoint),
+        metrics={"validation": to_jsonable(best.validation), "test": to_jsonable(best.test)},
+    )
+
+
 def _push_to_bentoml(
     config: PipelineConfig,
     run_dir: RunDir,
@@ -116,16 +143,8 @@ def _push_to_bentoml(
 
     best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
     checkpoint = run_dir.path / evaluation.best_checkpoint
-    metrics = {"validation": to_jsonable(best.validation), "test": to_jsonable(best.test)}
-    spec = ModelSpec(
-        architecture=best.name,
-        class_names=transformation.class_names,
-        preprocessing=preprocessing_of(transformation),
-        run_id=run_dir.run_id,
-        data_fingerprint=ingestion.data_fingerprint,
-        weights_sha256=sha256_file(checkpoint),
-        metrics=metrics,
-    )
+    spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint)
+    metrics = spec.metrics
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
     metadata = {
@@ -138,12 +157,12 @@ def _push_to_bentoml(
         "data_uri": ingestion.source_uri,
         "data_fingerprint": ingestion.data_fingerprint,
         "weights_sha256": spec.weights_sha256,
+        "gate_passed": True,  # what `xray models promote` checks: only gated models may become production
+        "gate_metric": evaluation.selection_metric,
         **summary_metrics,
     }
     try:
         with bentoml.models.create(config.push.model_name, labels=labels, metadata=metadata) as model:
-            from pathlib import Path
-
             write_model_dir(Path(model.path), spec, checkpoint)
     except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
         raise XrayError(f"push to BentoML model store failed: {exc}") from exc
