@@ -5,6 +5,7 @@ Used by ``xray runs diff A B`` and the app's ``/ui/diff`` page, so both say the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ def _push_side(report: dict[str, Any]) -> PushSide:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
+    """NaN (an AUC undefined on a one-class split) -> None: no delta, and strict JSON stays valid."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def diff_runs(root: Path, run_a: str, run_b: str) -> RunDiff:

@@ -243,14 +243,15 @@ def models_view(request: Request) -> ModelsOut:
 
 @router.get(
     "/runs/{run_a}/diff/{run_b}",
+    response_model=RunDiff,
     tags=["runs"],
     summary="config keys that differ, same data and code?, metric deltas, push decisions side by side",
     responses={**_AUTH_ERRORS, **_NOT_FOUND},
 )
 def runs_diff(
     request: Request, run_a: str, run_b: str, _: Annotated[Principal, Depends(require_read)]
-) -> dict:
-    return to_jsonable(diff_view(request, run_a, run_b))
+) -> RunDiff:
+    return diff_view(request, run_a, run_b)
 
 
 def diff_view(request: Request, run_a: str, run_b: str) -> RunDiff:
