@@ -150,7 +150,7 @@ def test_bad_promotions_and_rollbacks_are_one_line_errors(store: Store, tmp_path
                    env={**os.environ, **store.env}, capture_output=True, timeout=120, check=True)
 
 
-def _served_model(store: Store) -> tuple[str, dict[str, str]]:
+def _served_model(store: Store, predict: bool) -> tuple[str, dict[str, str]]:
     """A fresh `bentoml serve` (no XRAY_MODEL_TAG): the model /metadata names, and its label per test image."""
     env = {"XRAY_MODEL_WORKERS": "1", "XRAY_MODEL_TAG": ""}
     server = start_bento_server(store.home, store.root / f"serve-{len(os.listdir(store.root))}.log", env)
@@ -158,7 +158,7 @@ def _served_model(store: Store) -> tuple[str, dict[str, str]]:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             tag = http.get("/metadata").json()["model"]
             labels = {}
-            for path in _test_images(store, store.run_b):
+            for path in _test_images(store, store.run_b) if predict else ():
                 answer = http.post("/predict", files={"image": (path.name, path.read_bytes())})
                 assert answer.status_code == 200, answer.text
                 labels[path.name] = answer.json()["label"]
@@ -167,12 +167,23 @@ def _served_model(store: Store) -> tuple[str, dict[str, str]]:
         stop_process_group(server.process)
 
 
+@dataclass(frozen=True)
+class Served:
+    after_promote: str  # the model a fresh `bentoml serve` named in /metadata after `models promote A`
+    after_rollback: str  # ... and after `models rollback`
+    labels: dict[str, str]  # what it answered after the rollback, per demo test image
+
+
 @pytest.fixture(scope="module")
-def bento_labels(store: Store) -> dict[str, str]:
-    """What production (B, after the gate) answers on the demo test images."""
-    tag, labels = _served_model(store)
-    assert tag == store.tag_b
-    return labels
+def served(store: Store) -> Served:
+    """Promote A over B, serve; roll back to B, serve: two fresh `bentoml serve` starts."""
+    promoted = store.cli("models", "promote", store.tag_a, "--reason", "B misreads portable films")
+    assert promoted.returncode == 0, promoted.stderr
+    after_promote, _ = _served_model(store, predict=False)
+    rolled = store.cli("models", "rollback", "--reason", "films fixed upstream")
+    assert rolled.returncode == 0, rolled.stderr
+    after_rollback, labels = _served_model(store, predict=True)
+    return Served(after_promote, after_rollback, labels)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +228,7 @@ def test_exported_twice_to_sqlite_is_one_run_with_steps_artifacts_and_champion(s
 
 
 def test_mlflow_model_agrees_with_the_bento(
-    store: Store, sqlite_export, bento_labels: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    store: Store, sqlite_export, served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow.pyfunc
     import pandas as pd
@@ -228,8 +239,8 @@ def test_mlflow_model_agrees_with_the_bento(
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     images = _test_images(store, store.run_b)
     predicted = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
-    assert dict(zip([p.name for p in images], predicted["label"])) == bento_labels
-    assert len(bento_labels) >= 3
+    assert dict(zip([p.name for p in images], predicted["label"])) == served.labels
+    assert len(served.labels) >= 3
 
 
 def test_export_to_a_real_mlflow_server(store: Store) -> None:
@@ -247,7 +258,7 @@ def test_export_to_a_real_mlflow_server(store: Store) -> None:
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        assert wait_until_ready(server, f"{url}/health", 120, lambda: log.read_text()[-3000:]), log.read_text()[-3000:]
+        assert wait_until_ready(server, f"{url}/health", 300, lambda: log.read_text()[-3000:]), log.read_text()[-3000:]
         result = store.cli("runs", "export", store.run_a, "--artifacts", str(store.artifacts), "--mlflow", url)
         assert result.returncode == 0, result.stderr[-3000:]
         client = MlflowClient(tracking_uri=url, registry_uri=url)
@@ -271,13 +282,8 @@ def test_export_bad_input_is_one_line(store: Store) -> None:
         assert message in result.stderr.strip().splitlines()[-1]
 
 
-def test_promote_and_rollback_change_what_a_fresh_bento_serves(store: Store, bento_labels) -> None:
-    promoted = store.cli("models", "promote", store.tag_a, "--reason", "B misreads portable films")
-    assert promoted.returncode == 0, promoted.stderr
-    assert _served_model(store)[0] == store.tag_a
-    rolled = store.cli("models", "rollback", "--reason", "films fixed upstream")
-    assert rolled.returncode == 0, rolled.stderr
-    assert _served_model(store)[0] == store.tag_b
+def test_promote_and_rollback_change_what_a_fresh_bento_serves(store: Store, served: Served) -> None:
+    assert (served.after_promote, served.after_rollback) == (store.tag_a, store.tag_b)
     tail = [(e["action"], e["from_tag"], e["to_tag"], e["reason"]) for e in _audit(store)[-2:]]
     assert tail == [
         ("promote", store.tag_b, store.tag_a, "B misreads portable films"),

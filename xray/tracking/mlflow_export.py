@@ -34,6 +34,7 @@ RUN_TAG = "xray.run_id"
 MODEL_ARTIFACT = "model"
 CHAMPION = "champion"
 _SEAL_FILES = ("seal.json", "model_pusher/seal.json")
+_ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_roc_auc", "learning_rate")
 _SPLIT_METRICS = ("accuracy", "roc_auc", "macro_f1", "loss", "ece", "sensitivity", "specificity")
@@ -75,6 +76,9 @@ def _tracking(uri: str) -> Iterator[Any]:
     import mlflow
 
     previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    previous_allow = os.environ.get(_ALLOW_FILE_STORE)
+    if uri.startswith("file:"):  # MLflow 3 refuses a file store unless asked for one, and the user did
+        os.environ[_ALLOW_FILE_STORE] = "true"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -82,6 +86,10 @@ def _tracking(uri: str) -> Iterator[Any]:
     finally:
         mlflow.set_tracking_uri(previous_tracking)
         mlflow.set_registry_uri(previous_registry)
+        if previous_allow is None:
+            os.environ.pop(_ALLOW_FILE_STORE, None)
+        else:
+            os.environ[_ALLOW_FILE_STORE] = previous_allow
 
 
 def _check_uri(uri: str) -> str:
