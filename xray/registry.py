@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +163,10 @@ def record_change(
     home: Path | None = None,
 ) -> AuditEntry:
     """Append one line to the audit log (fsync'd: an operator's rollback must not vanish in a crash)."""
-    from xray.store import utc_now
-
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     entry = AuditEntry(
-        when=utc_now(), who=who or current_user(), model=model_name, action=action,
+        when=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), who=who or current_user(), model=model_name, action=action,
         from_tag=from_tag, to_tag=to_tag, reason=reason,
     )
     path = audit_log_path(home)
