@@ -13,9 +13,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from xray.config import DEFAULT_CONFIG_PATH, load_config
+from xray.typed import to_jsonable
 from xray.errors import XrayError
+from xray.entity.config_entity import PushConfig
 
 logger = logging.getLogger("xray")
 
@@ -41,15 +44,21 @@ def main(argv: list[str] | None = None, after_run: Callable[[], None] | None = N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xray", description="Chest X-ray classifier pipeline: train, audit, serve.")
+    from xray import __version__
+
+    parser = XrayArgumentParser(prog="xray", description="Chest X-ray classifier pipeline: train, audit, serve.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"xray {__version__}")
+    # -q/--quiet is accepted after any subcommand too (`xray train ... -q`).
+    quiet_option = argparse.ArgumentParser(add_help=False)
+    quiet_option.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser_class(quiet_option))
 
     train = sub.add_parser("train", help="run the whole pipeline and print the run id")
     train.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG_PATH} if present)")
     train.add_argument("--data", default=None, help="dataset URI: demo, a folder, an .npz, or s3://bucket/prefix")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value (repeatable), e.g. --set trainer.epochs=5")
+    train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override config values (one or more pairs, flag repeatable), e.g. --set trainer.epochs=5 trainer.seed=1")
     train.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     train.set_defaults(handler=cmd_train)
 
@@ -72,6 +81,37 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--public-key", type=Path, default=None, metavar="PEM",
                         help="the sealing public key (default: the local signing key's, see `xray keys export`)")
     verify.set_defaults(handler=cmd_runs_verify)
+    diff = runs_sub.add_parser("diff", help="what differs between two runs", parents=[artifacts_option])
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(handler=cmd_runs_diff)
+    export = runs_sub.add_parser("export", help="export a run to MLflow (again: updates it)", parents=[artifacts_option])
+    export.add_argument("run_id")
+    export.add_argument("--mlflow", required=True, metavar="URI",
+                        help="tracking URI: sqlite:///path.db, a file store folder, or http://host:port")
+    export.add_argument("--experiment", default="xray", help="MLflow experiment name (default: xray)")
+    export.set_defaults(handler=cmd_runs_export)
+
+    models = sub.add_parser("models", help="stored models and the production pointer")
+    default_name = PushConfig().model_name
+    models.add_argument("--name", default=default_name, help=f"model name (default: {default_name})")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    name_option = argparse.ArgumentParser(add_help=False)
+    name_option.add_argument("--name", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    listing = models_sub.add_parser("list", help="versions, runs, gate scores, production", parents=[name_option])
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_models_list)
+    promote = models_sub.add_parser("promote", help="make a gated model production")
+    promote.add_argument("tag", help="name:version in the BentoML store")
+    promote.add_argument("--reason", required=True)
+    promote.set_defaults(handler=cmd_models_promote)
+    rollback = models_sub.add_parser("rollback", help="put back the previous production model", parents=[name_option])
+    rollback.add_argument("--reason", required=True)
+    rollback.set_defaults(handler=cmd_models_rollback)
+    audit = models_sub.add_parser("audit", help="the production pointer's audit log", parents=[name_option])
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(handler=cmd_models_audit)
 
     keys = sub.add_parser("keys", help="the run-sealing key")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -90,6 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("uri")
     upload.set_defaults(handler=cmd_data_upload)
     return parser
+
+
+class XrayArgumentParser(argparse.ArgumentParser):
+    """Usage errors keep the one-line ``xray: error: ...`` form (argparse would print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"xray: error: {self.prog.removeprefix('xray ')}: {message}\n" if self.prog != "xray"
+                  else f"xray: error: {message}\n")
+
+
+def _subparser_class(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """Every subcommand parser (and theirs) is an XrayArgumentParser that also takes ``parents``' options."""
+
+    class SubcommandParser(XrayArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["parents"] = [*kwargs.get("parents", ()), *parents]
+            super().__init__(*args, **kwargs)
+
+    return SubcommandParser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -205,6 +264,76 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise XrayError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     print(f"wrote the public key (id {key.public.key_id[:16]}) to {args.out}; the private key stays at {key.path}")
+    return 0
+
+
+def cmd_runs_diff(args: argparse.Namespace) -> int:
+    from xray.run_diff import diff_runs, format_diff
+
+    diff = diff_runs(_artifacts_root(args), args.run_a, args.run_b)
+    print(json.dumps(to_jsonable(diff), indent=2) if args.json else format_diff(diff))
+    return 0
+
+
+def cmd_runs_export(args: argparse.Namespace) -> int:
+    from xray.tracking.mlflow_export import export_run
+
+    result = export_run(_artifacts_root(args), args.run_id, args.mlflow, experiment=args.experiment)
+    verb = "created" if result.created else "updated"
+    print(f"run {args.run_id}: {verb} MLflow run {result.mlflow_run_id} in experiment {args.experiment!r} at {args.mlflow}")
+    if result.model_version is not None:
+        alias = f" (alias {', '.join(result.aliases)})" if result.aliases else ""
+        print(f"model: {result.model_name} version {result.model_version}{alias}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from xray.registry import list_models
+
+    rows = list_models(args.name)
+    if args.json:
+        print(json.dumps(to_jsonable(rows), indent=2))
+        return 0
+    if not rows:
+        print(f"no models named {args.name}")
+        return 0
+    print(f"{'':2}{'tag':<36} {'created':<26} {'run':<28} {'test AUC':>8} {'test acc':>8}  gate")
+    for row in rows:
+        auc = "-" if row.test_roc_auc is None else f"{row.test_roc_auc:.4f}"
+        acc = "-" if row.test_accuracy is None else f"{row.test_accuracy:.4f}"
+        print(f"{'* ' if row.production else '  '}{row.tag:<36} {row.created:<26} {row.run_id or '-':<28} "
+              f"{auc:>8} {acc:>8}  {'passed' if row.gate_passed else 'never'}")
+    print("* = production")
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from xray.registry import promote
+
+    entry = promote(args.tag, args.reason)
+    print(f"production {entry.model}: {entry.from_tag or '(none)'} -> {entry.to_tag}")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from xray.registry import rollback
+
+    entry = rollback(args.name, args.reason)
+    print(f"production {entry.model}: {entry.from_tag} -> {entry.to_tag} (rolled back)")
+    return 0
+
+
+def cmd_models_audit(args: argparse.Namespace) -> int:
+    from xray.registry import read_audit_log
+
+    entries = read_audit_log(model=args.name)
+    if args.json:
+        print(json.dumps(to_jsonable(entries), indent=2))
+        return 0
+    for e in entries:
+        print(f"{e.when}  {e.action:<8} {e.from_tag or '(none)'} -> {e.to_tag}  by {e.who}: {e.reason}")
+    if not entries:
+        print(f"no production changes recorded for {args.name}")
     return 0
 
 

@@ -85,7 +85,7 @@ def config_to_dict(config: PipelineConfig) -> dict[str, Any]:
 
 
 def validate(config: PipelineConfig) -> None:
-    flat = _flatten(config_to_dict(config))
+    flat = flatten(config_to_dict(config))
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"config: {key} must be one of {', '.join(allowed)}, got {flat[key]!r}")
@@ -119,12 +119,12 @@ def validate(config: PipelineConfig) -> None:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat

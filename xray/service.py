@@ -17,7 +17,8 @@ service is a plain Python call):
   ``bentoml_service_adaptive_batch_size``.
 
 Settings come from the environment when the module is imported (the batch
-limits are decorator arguments): ``XRAY_MODEL_TAG``, ``XRAY_MAX_UPLOAD_BYTES``,
+limits are decorator arguments): ``XRAY_MODEL_TAG`` (default: the production
+pointer of ``XRAY_MODEL_NAME``, see ``xray.registry``), ``XRAY_MAX_UPLOAD_BYTES``,
 ``XRAY_MAX_PIXELS``, ``XRAY_MAX_BATCH_SIZE``, ``XRAY_MAX_LATENCY_MS``,
 ``XRAY_PRECISION``, ``XRAY_DECODE_THREADS``, ``XRAY_MAX_CONCURRENCY``,
 ``XRAY_FRONT_WORKERS``, ``XRAY_MODEL_WORKERS``, ``XRAY_MODEL_THREADS``.
@@ -46,6 +47,7 @@ from starlette.responses import JSONResponse
 from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
 from xray.inference import choose_device, choose_precision
 from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, load_pixels
+from xray.registry import production_tag
 from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ class ServingSettings:
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"XRAY_PRECISION must be auto, fp32 or bf16, got {precision!r}")
         return cls(
-            model_tag=env.get("XRAY_MODEL_TAG", defaults.model_tag),
+            model_tag=env.get("XRAY_MODEL_TAG") or production_or_latest(env.get("XRAY_MODEL_NAME") or DEFAULT_MODEL_NAME),
             max_upload_bytes=number("XRAY_MAX_UPLOAD_BYTES", defaults.max_upload_bytes),
             max_pixels=number("XRAY_MAX_PIXELS", defaults.max_pixels),
             max_batch_size=max(2, number("XRAY_MAX_BATCH_SIZE", defaults.max_batch_size)),
@@ -98,6 +100,11 @@ class ServingSettings:
 
     def threads_per_model_worker(self) -> int:
         return self.model_threads or max(1, (os.cpu_count() or 1) // self.model_workers)
+
+
+def production_or_latest(model_name: str) -> str:
+    """``bentoml serve`` and ``bentoml build`` follow the production pointer, not merely the newest version."""
+    return production_tag(model_name) or f"{model_name}:latest"
 
 
 SETTINGS = ServingSettings.from_env()

@@ -123,12 +123,18 @@ def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
 
 
 def production_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> tuple[str, Path] | None:
-    """The production model is the newest in the store under ``model_name``: only gated models get there."""
+    """The production model: what the pointer in ``xray.registry`` names (only gated models get there)."""
     import bentoml
     from bentoml.exceptions import NotFound
 
+    from xray.registry import production_tag
+
+    tag = production_tag(model_name)
+    if tag is None:
+        return None
     try:
-        model = bentoml.models.get(f"{model_name}:latest")
+        model = bentoml.models.get(tag)
     except NotFound:
+        logger.warning("production model %s is missing from the store", tag)
         return None
     return str(model.tag), Path(model.path)

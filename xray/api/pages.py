@@ -27,7 +27,7 @@ from xray.api.auth import (
 )
 from xray.api.jobs import ACTIVE, NotActive
 from xray.api.predict import BadUpload, PredictionUnavailable
-from xray.api.routes import get_manifest, jobs, run_prediction, verify
+from xray.api.routes import diff_view, get_manifest, jobs, models_view, run_prediction, verify
 from xray.api.views import load_view, summary
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,21 @@ def cancel_page(
     except NotActive as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     return RedirectResponse(f"/ui/runs/{run_id}", status_code=303)
+
+
+@router.get("/ui/models", response_class=HTMLResponse)
+def models_page(request: Request, principal: Annotated[Principal, Depends(page_reader)]) -> HTMLResponse:
+    view = models_view(request)
+    return render(request, "models.html", {"principal": principal, "view": view, "audit": list(reversed(view.audit))})
+
+
+@router.get("/ui/diff", response_class=HTMLResponse)
+def diff_page(
+    request: Request, principal: Annotated[Principal, Depends(page_reader)], a: str = "", b: str = ""
+) -> HTMLResponse:
+    runs = [m.run_id for m in reversed(jobs(request).runs())]
+    diff = diff_view(request, a, b) if a and b else None
+    return render(request, "diff.html", {"principal": principal, "runs": runs, "a": a, "b": b, "diff": diff})
 
 
 @router.get("/ui/predict", response_class=HTMLResponse)

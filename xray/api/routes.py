@@ -20,6 +20,7 @@ from xray.api.schemas import (
     ConflictOut,
     ErrorOut,
     Health,
+    ModelsOut,
     PredictionOut,
     RunDetail,
     RunSummary,
@@ -28,10 +29,13 @@ from xray.api.schemas import (
     VerifyResult,
 )
 from xray.api.views import load_view, summary
-from xray.errors import ConfigError, DataError, RunError
+from xray import registry
+from xray.errors import ConfigError, DataError, RunError, XrayError
 from xray.keys import SigningKeyError
+from xray.run_diff import RunDiff, diff_runs
 from xray.seal import verify_run
 from xray.store import RunManifest
+from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +224,50 @@ def cancel(request: Request, run_id: str, _: Annotated[Principal, Depends(requir
     except NotActive as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     return CancelAccepted(run_id=manifest.run_id, status="cancelling")
+
+
+@router.get(
+    "/models",
+    response_model=ModelsOut,
+    tags=["models"],
+    summary="stored model versions, which is production, and the production pointer's audit log",
+    responses=_AUTH_ERRORS,
+)
+def models(request: Request, _: Annotated[Principal, Depends(require_read)]) -> ModelsOut:
+    return models_view(request)
+
+
+def models_view(request: Request) -> ModelsOut:
+    name = request.app.state.settings.model_name
+    try:
+        return ModelsOut(
+            model_name=name,
+            production=registry.production_tag(name),
+            versions=[to_jsonable(row) for row in registry.list_models(name)],
+            audit=[to_jsonable(entry) for entry in registry.read_audit_log(model=name)],
+        )
+    except XrayError as exc:  # a damaged audit log: say so, do not guess the pointer
+        raise HTTPException(status_code=503, detail=str(exc)) from None
+
+
+@router.get(
+    "/runs/{run_a}/diff/{run_b}",
+    response_model=RunDiff,
+    tags=["runs"],
+    summary="config keys that differ, same data and code?, metric deltas, push decisions side by side",
+    responses={**_AUTH_ERRORS, **_NOT_FOUND},
+)
+def runs_diff(
+    request: Request, run_a: str, run_b: str, _: Annotated[Principal, Depends(require_read)]
+) -> RunDiff:
+    return diff_view(request, run_a, run_b)
+
+
+def diff_view(request: Request, run_a: str, run_b: str) -> RunDiff:
+    try:
+        return diff_runs(jobs(request).root, run_a, run_b)
+    except RunError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
 
 
 def prediction_out(result: PredictionResult) -> PredictionOut:

@@ -135,3 +135,12 @@ class PredictionOut(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class ModelsOut(BaseModel):
+    """``GET /models``: the store's versions (newest first) and the production pointer's audit log (oldest first)."""
+
+    model_name: str
+    production: str | None
+    versions: list[dict[str, Any]]
+    audit: list[dict[str, Any]]

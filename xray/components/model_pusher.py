@@ -18,6 +18,7 @@ import json
 import logging
 from pathlib import Path
 
+from xray import registry
 from xray.components.data_transformation import split_pixels
 from xray.components.model_evaluation import metric_value
 from xray.components.model_trainer import preprocessing_of
@@ -81,11 +82,17 @@ def run(
 
     model_tag, s3_uris, evidence = None, [], None
     if not reasons:
+        previous = registry.production_tag(push.model_name)
         model_tag, s3_uris, evidence = push_model(config, run_dir, ingestion, transformation, evaluation)
         verdict = [f"passed the gate; pushed as {model_tag} (evidence seal {evidence})"]
         if production_score is not None:
             verdict.append(f"test {metric} {candidate_score:.4f} >= production {production_tag} ({production_score:.4f})")
         reasons = verdict
+        registry.record_change(
+            push.model_name, "gate", previous, model_tag,
+            f"run {run_dir.run_id}: test {metric} {candidate_score:.4f}; " + "; ".join(verdict),
+            who=f"gate ({registry.current_user()})",
+        )
         logger.info("model_pusher: %s", "; ".join(reasons))
     else:
         logger.warning("model_pusher: %s not pushed: %s", best.name, "; ".join(reasons))
@@ -109,6 +116,28 @@ def run(
             parents=[evaluation.header.artifact_id, transformation.header.artifact_id], files=[decision_path],
         ),
         **artifact_fields,
+    )
+
+
+def model_spec(
+    run_id: str,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    evaluation: ModelEvaluationArtifact,
+    checkpoint: Path,
+    seal_digest: str | None = None,
+) -> ModelSpec:
+    """The chosen model's spec: what the pusher stores and what an MLflow export logs."""
+    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    return ModelSpec(
+        architecture=best.name,
+        class_names=transformation.class_names,
+        preprocessing=preprocessing_of(transformation),
+        run_id=run_id,
+        data_fingerprint=ingestion.data_fingerprint,
+        weights_sha256=sha256_file(checkpoint),
+        metrics={"validation": to_jsonable(best.validation), "test": to_jsonable(best.test)},
+        seal_digest=seal_digest,
     )
 
 
@@ -146,17 +175,8 @@ def _add_to_store(
 
     best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
     checkpoint = run_dir.path / evaluation.best_checkpoint
-    metrics = {"validation": to_jsonable(best.validation), "test": to_jsonable(best.test)}
-    spec = ModelSpec(
-        architecture=best.name,
-        class_names=transformation.class_names,
-        preprocessing=preprocessing_of(transformation),
-        run_id=run_dir.run_id,
-        data_fingerprint=ingestion.data_fingerprint,
-        weights_sha256=sha256_file(checkpoint),
-        metrics=metrics,
-        seal_digest=evidence,
-    )
+    spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint, seal_digest=evidence)
+    metrics = spec.metrics
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
     metadata = {
@@ -170,6 +190,8 @@ def _add_to_store(
         "data_uri": ingestion.source_uri,
         "data_fingerprint": ingestion.data_fingerprint,
         "weights_sha256": spec.weights_sha256,
+        "gate_passed": True,  # what `xray models promote` checks: only gated models may become production
+        "gate_metric": evaluation.selection_metric,
         **summary_metrics,
     }
     try:

@@ -1,0 +1,1 @@
+"""Links to tracking tools outside xray (MLflow)."""
