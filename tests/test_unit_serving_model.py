@@ -76,8 +76,11 @@ def test_a_damaged_spec_is_refused(tmp_path: Path) -> None:
         read_spec(tmp_path)
 
 
-def test_production_model_is_the_newest_in_the_store(tmp_path: Path) -> None:
-    """Saved into the temporary BENTOML_HOME that conftest gives every test, then found and loaded by name."""
+def test_production_model_is_the_newest_gated_one_in_the_store(tmp_path: Path) -> None:
+    """Saved into the temporary BENTOML_HOME that conftest gives every test, then found and loaded by name.
+
+    With no audit log yet, production is the newest model the gate blessed; a newer unblessed one is not.
+    """
     import bentoml
 
     name = f"xray-unit-{secrets.token_hex(4)}"
@@ -85,9 +88,11 @@ def test_production_model_is_the_newest_in_the_store(tmp_path: Path) -> None:
     original, checkpoint = trained_checkpoint(tmp_path)
     tags = []
     for run_id in ("run-1", "run-2"):
-        with bentoml.models.create(name, labels={"stage": "unit"}, metadata={}) as stored:
+        with bentoml.models.create(name, labels={"stage": "unit"}, metadata={"gate_passed": True}) as stored:
             write_model_dir(Path(stored.path), dataclasses.replace(spec_for(checkpoint), run_id=run_id), checkpoint)
         tags.append(str(stored.tag))
+    with bentoml.models.create(name, labels={"stage": "unit"}, metadata={}) as unblessed:
+        write_model_dir(Path(unblessed.path), dataclasses.replace(spec_for(checkpoint), run_id="run-3"), checkpoint)
     found = production_model_dir(name)
     assert found is not None
     tag, path = found
