@@ -115,3 +115,11 @@ def test_cli_refuses_an_out_of_range_override_in_one_line(tmp_path: Path) -> Non
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xray: error:") and "trainer.epochs" in lines[0], result.stderr
     assert not any(tmp_path.iterdir())  # no run was created
+
+
+@pytest.mark.parametrize("data", ["~nosuchuser/data", "x" * 300, "/tmp/" + "y" * 300 + "/z"])
+def test_cli_unusable_data_paths_are_one_line_errors(tmp_path: Path, data: str) -> None:
+    result = run_cli("train", "--data", data, "--set", f"artifacts_dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("xray: error:") and "Traceback" not in result.stderr, result.stderr[-2000:]

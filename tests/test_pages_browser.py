@@ -15,6 +15,7 @@ import pytest
 
 from tests.app_helpers import (
     READ_TOKEN,
+    ADMIN_TOKEN,
     TINY_OVERRIDES,
     TRAIN_TOKEN,
     AppServer,
@@ -64,7 +65,7 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     """A server with one tiny trained (and pushed) run."""
     server = new_server(tmp_path_factory.mktemp("pages")).start()
     try:
-        with server.client(TRAIN_TOKEN) as client:
+        with server.client(ADMIN_TOKEN) as client:
             run_id = start_training(client, TINY_OVERRIDES)
             detail = wait_for_run(client, run_id)
         assert detail["status"] == "succeeded", f"{detail['reason']}\n{server.log_tail()}"
