@@ -291,3 +291,47 @@ def test_docs_load_their_assets_from_the_service(server: AppServer) -> None:
         assert asset in page.text
         fetched = httpx.get(f"{server.url}{asset}")
         assert fetched.status_code == 200 and len(fetched.content) > 10_000, asset
+
+
+# ---------------------------------------------------------------- settings and the limiter, directly
+
+
+def test_settings_read_roots_admin_tokens_and_limits(tmp_path: Path) -> None:
+    from xray.api.settings import AppSettings
+    from xray.errors import ConfigError
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("admin: [file-admin-token-0123456789]\nread: [file-read-token-0123456789]\n")
+    env = {
+        "XRAY_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        "XRAY_DATA_ROOTS": f"{tmp_path / 'a'}:{tmp_path / 'b'},relative",
+        "XRAY_DATA_BUCKETS": "one, two",
+        "XRAY_TOKENS_FILE": str(tokens),
+        "XRAY_MAX_JSON_BYTES": "1000",
+    }
+    settings = AppSettings.from_env(env, cwd=tmp_path)
+    assert settings.data_roots == (tmp_path / "a", tmp_path / "b", tmp_path / "relative")
+    assert settings.data_buckets == ("one", "two")
+    assert settings.tokens.admin == ("file-admin-token-0123456789",)
+    assert settings.max_json_bytes == 1000
+    for name, value in (("XRAY_MAX_JSON_BYTES", "0"), ("XRAY_AUTH_MAX_FAILURES", "-1"), ("XRAY_AUTH_WINDOW_S", "soon")):
+        with pytest.raises(ConfigError, match=name):
+            AppSettings.from_env({**env, name: value}, cwd=tmp_path)
+
+
+def test_the_limiter_forgets_failures_after_its_window() -> None:
+    from xray.api.ratelimit import FailedAuthLimiter
+
+    now = [100.0]
+    limiter = FailedAuthLimiter(max_failures=2, window_s=10, clock=lambda: now[0], max_clients=2)
+    limiter.record_failure("a")
+    assert limiter.retry_after("a") is None
+    now[0] = 104.0
+    limiter.record_failure("a")
+    assert limiter.retry_after("a") == 6  # the first failure leaves the window at 110
+    assert limiter.retry_after("b") is None  # per client
+    now[0] = 110.5
+    assert limiter.retry_after("a") is None
+    for client in ("b", "c", "d"):
+        limiter.record_failure(client)
+    assert "a" not in limiter._failures and len(limiter._failures) == 2  # bounded memory: oldest client forgotten

@@ -160,3 +160,23 @@ def test_read_token_cannot_cancel_and_logout_works(page, site) -> None:
     page.wait_for_url("**/login")
     page.goto(f"{server.url}/ui/runs")
     assert "/login" in page.url
+
+
+def test_docs_render_offline(page, site) -> None:
+    """Swagger UI renders with every request kept on the service: nothing is fetched from a CDN."""
+    server, _ = site
+    elsewhere: list[str] = []
+
+    def only_local(route) -> None:
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(f"{server.url}/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=60_000)
+    assert "xray training service" in page.inner_text(".swagger-ui .info .title")
+    assert page.locator(".opblock-summary-path[data-path='/train']").count() == 1
+    assert elsewhere == []

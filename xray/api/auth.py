@@ -3,9 +3,9 @@
 ``admin`` may do what ``train`` may and also override server-held config
 (gate, push, S3, weights: see ``xray.api.policy``); ``train`` may start and
 cancel runs and read everything; ``read`` may only read. A client that sends
-too many wrong tokens gets 429 until its window passes. Tokens are compared with ``hmac.compare_digest`` against every
-configured token, so the time taken says nothing about which one nearly
-matched.
+too many wrong tokens gets 429 until its window passes. Tokens are compared
+with ``hmac.compare_digest`` against every configured token, so the time
+taken says nothing about which one nearly matched.
 """
 
 from __future__ import annotations
