@@ -78,6 +78,16 @@ def group_rss_mib(pgid: int) -> float:
     return total_kib / 1024
 
 
+def server_problems(log: Path, context: int = 30) -> str:
+    """The server log's lines around its first errors: the log itself goes with the temporary directory."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    hits = [i for i, line in enumerate(lines) if "Traceback" in line or " ERROR " in line or "Error" in line]
+    shown: list[str] = []
+    for i in hits[:3]:
+        shown += lines[max(0, i - 3) : i + context] + ["..."]
+    return "\n".join(shown)
+
+
 def film() -> bytes:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:256, 0:256]
@@ -139,6 +149,7 @@ def main() -> None:
             rss_end = group_rss_mib(server.pid)
         finally:
             stop(server)
+            problems = server_problems(work / "serve.log")
     growth = (rss_end - rss_start) / rss_start * 100 if rss_start else float("nan")
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
     print(f"cpu: {cpu_kind()}; model {tag}; {args.clients} clients for {elapsed:.0f} s")
@@ -147,6 +158,8 @@ def main() -> None:
     print(f"server RSS (all processes): start {rss_start:.0f} MiB, end {rss_end:.0f} MiB, growth {growth:+.1f} %")
     for error in sorted(set(errors))[:5]:
         print(f"  error: {error}")
+    if errors and problems:
+        print("server log, around its errors:\n" + problems)
     passed = not errors and growth < 10
     print("PASS" if passed else "FAIL", "(0 errors and RSS growth under 10 %)")
     sys.exit(0 if passed else 1)

@@ -223,7 +223,10 @@ def test_serve_tokens_guard_the_model_routes(pushed: tuple[Path, str], tmp_path:
     root, tag = pushed
     token = "serve-token-0123456789abcdef"
     env = {"XRAY_MODEL_TAG": tag, "XRAY_SERVE_TOKENS": f"other-token-xxxxxxxxxxxxxxxx,{token}", "XRAY_MODEL_WORKERS": "1"}
-    server = start_bento_server(root / "bentoml", tmp_path / "serve.log", env)
+    home = tmp_path / "bentoml"  # its own home: BentoML keeps its metrics files there, and the module's server reads them
+    home.mkdir()
+    (home / "models").symlink_to(root / "bentoml" / "models")
+    server = start_bento_server(home, tmp_path / "serve.log", env)
     image = {"image": ("x.png", encode(Image.fromarray(radiograph())))}
     try:
         with httpx.Client(base_url=server.url, timeout=60) as anonymous:
