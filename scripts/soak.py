@@ -98,7 +98,9 @@ def film() -> bytes:
     return buffer.getvalue()
 
 
-async def client_loop(http: httpx.AsyncClient, image: bytes, deadline: float, latencies: list[float], errors: list[str]) -> None:
+async def client_loop(
+    http: httpx.AsyncClient, image: bytes, deadline: float, latencies: list[float], errors: list[str]
+) -> None:
     while time.monotonic() < deadline:
         started = time.monotonic()
         try:

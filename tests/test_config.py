@@ -110,7 +110,8 @@ def test_every_numeric_key_has_a_range() -> None:
 
 
 def test_cli_refuses_an_out_of_range_override_in_one_line(tmp_path: Path) -> None:
-    result = run_cli("train", "--data", "demo", "--set", "trainer.epochs=1000000000", "--set", f"artifacts_dir={tmp_path}")
+    overrides = ["--set", "trainer.epochs=1000000000", "--set", f"artifacts_dir={tmp_path}"]
+    result = run_cli("train", "--data", "demo", *overrides)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xray: error:") and "trainer.epochs" in lines[0], result.stderr

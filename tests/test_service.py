@@ -199,7 +199,9 @@ def _chunks(total: int, size: int = 256 * 1024) -> Iterator[bytes]:
 
 
 # The upload checks are shared by both routes; /explain repeats a few of them.
-EXPLAIN_CASES = ("not_an_image", "oversize_bytes", "truncated_png", "wrong_field_name", "unsupported_eps", "unsupported_lab_tiff")
+EXPLAIN_CASES = (
+    "not_an_image", "oversize_bytes", "truncated_png", "wrong_field_name", "unsupported_eps", "unsupported_lab_tiff"
+)
 BAD_CASES = [("/predict", case) for case in sorted(BAD_REQUESTS)] + [("/explain", case) for case in EXPLAIN_CASES]
 
 
@@ -222,7 +224,8 @@ def test_serve_tokens_guard_the_model_routes(pushed: tuple[Path, str], tmp_path:
     """With XRAY_SERVE_TOKENS set, /predict, /explain, /metrics and /metadata need one; health stays open."""
     root, tag = pushed
     token = "serve-token-0123456789abcdef"
-    env = {"XRAY_MODEL_TAG": tag, "XRAY_SERVE_TOKENS": f"other-token-xxxxxxxxxxxxxxxx,{token}", "XRAY_MODEL_WORKERS": "1"}
+    tokens = f"other-token-xxxxxxxxxxxxxxxx,{token}"
+    env = {"XRAY_MODEL_TAG": tag, "XRAY_SERVE_TOKENS": tokens, "XRAY_MODEL_WORKERS": "1"}
     home = tmp_path / "bentoml"  # its own home: BentoML keeps its metrics files there, and the module's server reads them
     home.mkdir()
     (home / "models").symlink_to(root / "bentoml" / "models")

@@ -150,7 +150,9 @@ class ServeTokenGuard:
         if scheme.lower() == "bearer" and token.strip() and matches_any(token.strip().encode(), self.tokens):
             await self.app(scope, receive, send)
             return
-        response = error_response(401, "this route needs 'Authorization: Bearer <token>' with a token from XRAY_SERVE_TOKENS")
+        response = error_response(
+            401, "this route needs 'Authorization: Bearer <token>' with a token from XRAY_SERVE_TOKENS"
+        )
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
 
@@ -383,7 +385,9 @@ class XrayClassifier:
 
         BentoML's dependency client replaces its HTTP session every 100 calls
         or 5 minutes and closes the old one with calls still in flight on it;
-        those fail with a disconnect that says nothing about the request.
+        those fail with a disconnect, a cut-off response body, or (a call that
+        took the old session just before it closed) aiohttp's "Session is
+        closed", none of which says anything about the request.
         """
         import aiohttp
 
@@ -391,8 +395,9 @@ class XrayClassifier:
         for attempt in range(1, BACKEND_ATTEMPTS + 1):
             try:
                 return await method(**kwargs)
-            except aiohttp.ClientConnectionError as exc:
-                if attempt == BACKEND_ATTEMPTS:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError) as exc:
+                closed_session = isinstance(exc, RuntimeError) and "Session is closed" in str(exc)
+                if attempt == BACKEND_ATTEMPTS or (isinstance(exc, RuntimeError) and not closed_session):
                     raise
                 logger.warning("model service call %s dropped (%s); retrying", api, exc)
 

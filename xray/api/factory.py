@@ -46,7 +46,8 @@ DESCRIPTION = """Training service for the chest X-ray classifier.
 * Runs live in the artifacts directory: the app can restart without losing them.
 
 Authenticate with `Authorization: Bearer <token>`: a **train** token may start and cancel runs
-with the allowed overrides, an **admin** token may send any override, a **read** token may only read. The HTML pages (`/ui/runs`, `/ui/predict`) use a login cookie.
+with the allowed overrides, an **admin** token may send any override, a **read** token may only read.
+The HTML pages (`/ui/runs`, `/ui/predict`) use a login cookie.
 """
 
 
@@ -79,7 +80,12 @@ def create_app(settings: AppSettings) -> FastAPI:
             )
 
     app = FastAPI(
-        title="xray training service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+        title="xray training service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served below with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.auth_limiter = FailedAuthLimiter(settings.auth_max_failures, settings.auth_window_s)

@@ -52,12 +52,16 @@ def check_overrides(overrides: list[str], admin: bool) -> None:
         key = override_key(item)
         if key not in TRAIN_OVERRIDES:
             raise Forbidden(
-                f"override {key or item!r} needs an admin token; a train token may set only {', '.join(TRAIN_OVERRIDES)}"
+                f"override {key or item!r} needs an admin token; "
+                f"a train token may set only {', '.join(TRAIN_OVERRIDES)}"
             )
 
 
 # One message for every refused location, so an answer never tells an existing path from a missing one.
-OUTSIDE = "data is outside the data this service may read (the folders in XRAY_DATA_ROOTS, the buckets in XRAY_DATA_BUCKETS, or 'demo')"
+OUTSIDE = (
+    "data is outside the data this service may read "
+    "(the folders in XRAY_DATA_ROOTS, the buckets in XRAY_DATA_BUCKETS, or 'demo')"
+)
 
 
 def confine_data_uri(uri: str, settings: AppSettings) -> str:

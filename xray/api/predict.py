@@ -143,7 +143,9 @@ class LocalPredictor:
         try:  # the upload is judged before any model is needed: a bad one is the caller's 4xx either way
             grey = to_grayscale_array(open_image(data, self.max_pixels or DEFAULT_MAX_PIXELS))
         except ImageDecodeError as exc:
-            status = 415 if isinstance(exc, UnsupportedImageFormat) else 413 if isinstance(exc, ImageTooLargeError) else 400
+            status = 400
+            if isinstance(exc, (UnsupportedImageFormat, ImageTooLargeError)):
+                status = 415 if isinstance(exc, UnsupportedImageFormat) else 413
             raise BadUpload(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)), status) from None
         from xray.explain import gradcam_overlays  # heavy (grad-cam): only once the upload is usable
 
