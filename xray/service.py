@@ -47,9 +47,9 @@ from starlette.responses import JSONResponse
 
 from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
 from xray.inference import choose_device, choose_precision
-from xray.api.auth import matches_any
 from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageFormat, load_pixels
 from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
+from xray.tokens import matches_any
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ taken says nothing about which one nearly matched.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import quote, urlsplit
@@ -19,6 +18,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from xray.api.settings import AppSettings, Tokens
+from xray.tokens import matches_any
 
 READ = "read"
 TRAIN = "train"
@@ -53,13 +53,6 @@ class LoginRequired(Exception):
         super().__init__(message)
         self.next_url = next_url
         self.message = message
-
-
-def matches_any(candidate: bytes, known: tuple[str, ...]) -> bool:
-    found = False
-    for token in known:  # no early exit: every configured token is compared
-        found |= hmac.compare_digest(candidate, token.encode())
-    return found
 
 
 def role_of(token: str, tokens: Tokens) -> str | None:
