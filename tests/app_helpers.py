@@ -24,6 +24,7 @@ from tests.conftest import TINY, wait_until_ready
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TOKEN = "train-token-0123456789abcdef"
 READ_TOKEN = "read-token-fedcba9876543210"
+ADMIN_TOKEN = "admin-token-5a5a5a5a5a5a5a5a"  # the tests' tiny configs set keys only an admin may (gate, ingestion)
 TERMINAL = ("succeeded", "failed")
 
 # Fast settings for an end-to-end run through the API: the same as the CLI tests use.
@@ -88,7 +89,7 @@ class AppServer:
                 self.env[key] = value
         return self.start()
 
-    def client(self, token: str | None = TRAIN_TOKEN) -> httpx.Client:
+    def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
@@ -104,6 +105,7 @@ def new_server(home: Path, **extra_env: str) -> AppServer:
         "BENTOML_DO_NOT_TRACK": "true",
         "XRAY_TRAIN_TOKENS": TRAIN_TOKEN,
         "XRAY_READ_TOKENS": READ_TOKEN,
+        "XRAY_ADMIN_TOKENS": ADMIN_TOKEN,
         **extra_env,
     }
     for key in ("XRAY_BENTO_URL", "XRAY_TOKENS_FILE", "XRAY_CONFIG"):

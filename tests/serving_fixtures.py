@@ -122,3 +122,31 @@ def histogram(metrics_text: str, name: str) -> tuple[float, float, dict[str, flo
             le = series.split('le="', 1)[1].split('"', 1)[0]
             buckets[le] = buckets.get(le, 0.0) + float(value)
     return count, total, buckets
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def lab_tiff() -> bytes:
+    """A TIFF in CIELAB mode: Pillow reads it, but it holds no plain grey level."""
+    grey = Image.fromarray(radiograph())
+    return encode(Image.merge("LAB", [grey, grey, grey]), "TIFF")
+
+
+# Images outside the allowed formats (or modes): each must be refused with 415, never decoded further.
+UNSUPPORTED_IMAGES = {
+    "gif": lambda: encode(Image.fromarray(radiograph()), "GIF"),
+    "bmp": lambda: encode(Image.fromarray(radiograph()), "BMP"),
+    "webp": lambda: encode(Image.fromarray(radiograph()), "WEBP"),
+    "eps": lambda: EPS,
+    "lab_tiff": lab_tiff,
+}
+
+
+def fake_ghostscript(bin_dir: Path, marker: Path) -> str:
+    """A ``gs`` first on PATH that only records that it ran: proof that no EPS reached Ghostscript."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "gs"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    script.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"

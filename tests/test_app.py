@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.app_helpers import (
+    ADMIN_TOKEN,
     READ_TOKEN,
     TINY_OVERRIDES,
     TRAIN_TOKEN,
@@ -201,7 +202,7 @@ def test_bad_train_requests_create_no_run(server: AppServer, trained: dict) -> N
             assert response.json()["detail"]
         assert "no_such_key" in cases[1].json()["detail"]
         missing = client.post("/train", json={"data": "/no/such/dataset", "overrides": TINY_OVERRIDES})
-        assert missing.status_code == 400 and "/no/such/dataset" in missing.json()["detail"]
+        assert missing.status_code == 403 and "outside the data" in missing.json()["detail"]  # no data roots set
         scheme = client.post("/train", json={"data": "ftp://host/data"})
         assert scheme.status_code == 400
     assert run_dirs(server) == before
@@ -212,6 +213,7 @@ def test_bad_train_requests_create_no_run(server: AppServer, trained: dict) -> N
 
 def test_predict_json(server: AppServer, trained: dict) -> None:
     with server.client(READ_TOKEN) as client:
+        client.timeout = httpx.Timeout(180)  # the first prediction loads torch, grad-cam and the model
         good = client.post("/predict", files={"image": ("film.png", png_bytes(), "image/png")})
         assert good.status_code == 200, good.text
         body = good.json()
@@ -287,7 +289,7 @@ def test_restart_shows_the_same_runs_and_fails_orphans(server: AppServer, traine
     orphan.start_stage("model_trainer")
     orphan.update(pid=dead.pid, host=socket.gethostname())
 
-    server.restart(XRAY_TRAIN_TOKENS=None)  # also: no train token configured
+    server.restart(XRAY_TRAIN_TOKENS=None, XRAY_ADMIN_TOKENS=None)  # also: no train (or admin) token configured
     try:
         with server.client(READ_TOKEN) as client:
             after = {r["run_id"]: r for r in client.get("/runs").json()}
@@ -298,7 +300,7 @@ def test_restart_shows_the_same_runs_and_fails_orphans(server: AppServer, traine
             refused = client.post("/train", json={"overrides": TINY_OVERRIDES})
             assert refused.status_code == 503 and "XRAY_TRAIN_TOKENS" in refused.json()["detail"]
     finally:
-        server.restart(XRAY_TRAIN_TOKENS=TRAIN_TOKEN)
+        server.restart(XRAY_TRAIN_TOKENS=TRAIN_TOKEN, XRAY_ADMIN_TOKENS=ADMIN_TOKEN)
     listed = run_cli("runs", "--artifacts", str(server.artifacts), "list", timeout=60)
     assert orphan.run_id in listed.stdout and "running" not in listed.stdout
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from xray.config import apply_override, load_config
+from xray.config import _RANGES, _flatten, apply_override, config_to_dict, load_config
 from xray.errors import ConfigError
 
-from .conftest import REPO
+from .conftest import REPO, run_cli
 
 
 def test_default_config_file_loads_and_matches_dataclass_defaults() -> None:
@@ -34,11 +34,11 @@ def test_overrides_parse_yaml_values() -> None:
         ("trainer.candidates=[resnet50]", "unknown candidate 'resnet50'"),
         ("trainer.precision=fp8", "trainer.precision must be one of"),
         ("nosuchsection.key=1", "unknown key nosuchsection"),
-        ("trainer.epochs=0", "trainer.epochs must be positive"),
+        ("trainer.epochs=0", "trainer.epochs must be between 1 and 10000, got 0"),
         ("transformation.augment.hflip=maybe", "expected true or false"),
         ("trainer.cv_folds=1", "cv_folds"),
-        ("trainer.min_steps=-1", "trainer.min_steps must not be negative"),
-        ("trainer.ema_epochs=-0.5", "trainer.ema_epochs must not be negative"),
+        ("trainer.min_steps=-1", "trainer.min_steps must be between 0 and"),
+        ("trainer.ema_epochs=-0.5", "trainer.ema_epochs must be between 0 and"),
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
@@ -65,3 +65,62 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("trainer: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.epochs=1000000000",
+        "trainer.learning_rate=.nan",
+        "trainer.learning_rate=.inf",
+        "trainer.learning_rate=-0.1",
+        "trainer.num_threads=-5",
+        "evaluation.calibration_bins=0",
+        "trainer.batch_size=0",
+        "trainer.weight_decay=-1",
+        "trainer.label_smoothing=1.5",
+        "trainer.seed=-1",
+        "trainer.cv_folds=1000",
+        "transformation.val_fraction=1.5",
+        "transformation.test_fraction=.nan",
+        "transformation.image_size=100000",
+        "transformation.augment.rotation_degrees=720",
+        "ingestion.s3.max_concurrency=0",
+        "gate.min_roc_auc=1.5",
+        "gate.min_accuracy=.nan",
+        "evaluation.gradcam_per_class=-1",
+    ],
+)
+def test_out_of_range_overrides_are_refused(override: str) -> None:
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(None, [override])
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    """A numeric key added without bounds would let any value through: this lists it."""
+    flat = _flatten(config_to_dict(load_config(REPO / "config" / "pipeline.yaml")))
+    numeric = {k for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    checked_elsewhere = {"transformation.val_fraction", "transformation.test_fraction"}
+    assert numeric - set(_RANGES) - checked_elsewhere == set()
+    for key, value in flat.items():
+        if key in _RANGES:
+            low, high = _RANGES[key]
+            assert low <= value <= high, key  # the shipped defaults are inside their own bounds
+
+
+def test_cli_refuses_an_out_of_range_override_in_one_line(tmp_path: Path) -> None:
+    overrides = ["--set", "trainer.epochs=1000000000", "--set", f"artifacts_dir={tmp_path}"]
+    result = run_cli("train", "--data", "demo", *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xray: error:") and "trainer.epochs" in lines[0], result.stderr
+    assert not any(tmp_path.iterdir())  # no run was created
+
+
+@pytest.mark.parametrize("data", ["~nosuchuser/data", "x" * 300, "/tmp/" + "y" * 300 + "/z"])
+def test_cli_unusable_data_paths_are_one_line_errors(tmp_path: Path, data: str) -> None:
+    result = run_cli("train", "--data", data, "--set", f"artifacts_dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("xray: error:") and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -15,6 +15,7 @@ import pytest
 
 from tests.app_helpers import (
     READ_TOKEN,
+    ADMIN_TOKEN,
     TINY_OVERRIDES,
     TRAIN_TOKEN,
     AppServer,
@@ -64,7 +65,7 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     """A server with one tiny trained (and pushed) run."""
     server = new_server(tmp_path_factory.mktemp("pages")).start()
     try:
-        with server.client(TRAIN_TOKEN) as client:
+        with server.client(ADMIN_TOKEN) as client:
             run_id = start_training(client, TINY_OVERRIDES)
             detail = wait_for_run(client, run_id)
         assert detail["status"] == "succeeded", f"{detail['reason']}\n{server.log_tail()}"
@@ -159,3 +160,23 @@ def test_read_token_cannot_cancel_and_logout_works(page, site) -> None:
     page.wait_for_url("**/login")
     page.goto(f"{server.url}/ui/runs")
     assert "/login" in page.url
+
+
+def test_docs_render_offline(page, site) -> None:
+    """Swagger UI renders with every request kept on the service: nothing is fetched from a CDN."""
+    server, _ = site
+    elsewhere: list[str] = []
+
+    def only_local(route) -> None:
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(f"{server.url}/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=60_000)
+    assert "xray training service" in page.inner_text(".swagger-ui .info .title")
+    assert page.locator(".opblock-summary-path[data-path='/train']").count() == 1
+    assert elsewhere == []

@@ -35,6 +35,7 @@ from xray.sources.s3 import (
     LOCK_NAME,
     S3Settings,
     _relative_path,
+    mirror_dir_for,
     parse_s3_uri,
     sync_prefix,
     upload_dir,
@@ -75,6 +76,28 @@ def test_parse_s3_uri() -> None:
     for bad in ("bucket/prefix", "http://bucket/x", "s3://", "s3:///x", "s3://b@d:1/x", "s3://bucket/x?y=1"):
         with pytest.raises(SourceError):
             parse_s3_uri(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["s3://../x", "s3://./x", "s3://.hidden/x", "s3://a..b/x", "s3://bucket-/x", "s3://bucket/../x",
+     "s3://bucket/a/../../x", "s3://bucket/a/./b", "s3://bucket/a\\b", "s3://bucket/a\x00b"],
+)
+def test_malformed_s3_uris_are_refused(bad: str) -> None:
+    with pytest.raises(SourceError):
+        parse_s3_uri(bad)
+
+
+def test_the_mirror_is_keyed_by_endpoint_bucket_and_prefix(tmp_path: Path) -> None:
+    """The same bucket name on two servers never shares a mirror, and no URI leaves the mirror root."""
+    root = tmp_path / ".s3-mirror"
+    local = mirror_dir_for(root, "s3://data/x", S3Settings(endpoint_url="http://127.0.0.1:9"))
+    other = mirror_dir_for(root, "s3://data/x", S3Settings(endpoint_url="http://127.0.0.2:9"))
+    assert local != other
+    assert local == mirror_dir_for(root, "s3://data/x", S3Settings(endpoint_url="http://127.0.0.1:9"))
+    assert local != mirror_dir_for(root, "s3://data/y", S3Settings(endpoint_url="http://127.0.0.1:9"))
+    for path in (local, other):
+        assert path.resolve().is_relative_to(root.resolve())
 
 
 def test_keys_escaping_the_mirror_are_refused() -> None:

@@ -49,7 +49,7 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> SealedRuns:
         patch.setenv("BENTOML_HOME", str(bentoml_home))
         jobs = JobManager(AppSettings(artifacts_dir=root, config_path=None, tokens=Tokens(), workdir=REPO))
         overrides = list(TINY)
-        manifest = jobs.start(jobs.validate("demo", overrides), overrides)
+        manifest = jobs.start(jobs.validate("demo", overrides, admin=True), overrides)  # tiny config: admin-only keys
         assert jobs.wait_idle(300), "the training worker did not finish"
     finished = load_manifest(root, manifest.run_id)
     assert finished.status == "succeeded", finished.reason

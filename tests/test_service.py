@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,6 +24,9 @@ from tests.serving_fixtures import (
     multipart_body,
     png_header_claiming,
     radiograph,
+    EPS,
+    UNSUPPORTED_IMAGES,
+    fake_ghostscript,
     start_bento_server,
     stop_process_group,
 )
@@ -33,19 +37,26 @@ CONCURRENT = 32
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BentoServer, str]]:
+def pushed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny run pushed into its own BentoML home: (root, model tag)."""
     root = tmp_path_factory.mktemp("serving")
     home = root / "bentoml"
     trained = run_cli("train", *tiny_args(root / "artifacts"), env={"BENTOML_HOME": str(home)})
     assert trained.returncode == 0, trained.stderr[-3000:]
-    tag = "xray-classifier:" + (home / "models" / "xray-classifier" / "latest").read_text().strip()
+    return root, "xray-classifier:" + (home / "models" / "xray-classifier" / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def served(pushed: tuple[Path, str]) -> Iterator[tuple[BentoServer, str]]:
+    root, tag = pushed
     env = {
         "XRAY_MODEL_TAG": tag,
         "XRAY_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "XRAY_MAX_PIXELS": str(MAX_PIXELS),
         "XRAY_MAX_BATCH_SIZE": "16",
+        "PATH": fake_ghostscript(root / "bin", root / "ghostscript-ran"),
     }
-    server = start_bento_server(home, root / "serve.log", env)
+    server = start_bento_server(root / "bentoml", root / "serve.log", env)
     try:
         yield server, tag
     finally:
@@ -162,6 +173,10 @@ BAD_REQUESTS = {
         {413},
     ),
     "real_png_too_many_pixels": (lambda: {"files": {"image": ("x.png", _big_compressible_png())}}, {413}),
+    **{
+        f"unsupported_{kind}": (lambda make=make: {"files": {"image": ("x.img", make())}}, {415})
+        for kind, make in UNSUPPORTED_IMAGES.items()
+    },
 }
 
 
@@ -184,7 +199,9 @@ def _chunks(total: int, size: int = 256 * 1024) -> Iterator[bytes]:
 
 
 # The upload checks are shared by both routes; /explain repeats a few of them.
-EXPLAIN_CASES = ("not_an_image", "oversize_bytes", "truncated_png", "wrong_field_name")
+EXPLAIN_CASES = (
+    "not_an_image", "oversize_bytes", "truncated_png", "wrong_field_name", "unsupported_eps", "unsupported_lab_tiff"
+)
 BAD_CASES = [("/predict", case) for case in sorted(BAD_REQUESTS)] + [("/explain", case) for case in EXPLAIN_CASES]
 
 
@@ -195,6 +212,39 @@ def test_bad_input_is_a_4xx_with_a_json_message(route: str, case: str, client: h
     assert response.status_code in statuses, (response.status_code, response.text)
     body = response.json()
     assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+
+
+def test_no_upload_ever_ran_ghostscript(client: httpx.Client, pushed: tuple[Path, str]) -> None:
+    for route in ("/predict", "/explain"):
+        assert client.post(route, files={"image": ("x.eps", EPS)}).status_code == 415
+    assert not (pushed[0] / "ghostscript-ran").exists()
+
+
+def test_serve_tokens_guard_the_model_routes(pushed: tuple[Path, str], tmp_path: Path) -> None:
+    """With XRAY_SERVE_TOKENS set, /predict, /explain, /metrics and /metadata need one; health stays open."""
+    root, tag = pushed
+    token = "serve-token-0123456789abcdef"
+    tokens = f"other-token-xxxxxxxxxxxxxxxx,{token}"
+    env = {"XRAY_MODEL_TAG": tag, "XRAY_SERVE_TOKENS": tokens, "XRAY_MODEL_WORKERS": "1"}
+    home = tmp_path / "bentoml"  # its own home: BentoML keeps its metrics files there, and the module's server reads them
+    home.mkdir()
+    (home / "models").symlink_to(root / "bentoml" / "models")
+    server = start_bento_server(home, tmp_path / "serve.log", env)
+    image = {"image": ("x.png", encode(Image.fromarray(radiograph())))}
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as anonymous:
+            for route in ("/metrics", "/metadata"):
+                refused = anonymous.get(route)
+                assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", route
+                assert anonymous.get(route, headers={"Authorization": "Bearer wrong"}).status_code == 401
+                assert anonymous.get(route, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            for route in ("/predict", "/explain"):
+                assert anonymous.post(route, files=image).status_code == 401, route
+            allowed = anonymous.post("/predict", files=image, headers={"Authorization": f"Bearer {token}"})
+            assert allowed.status_code == 200 and allowed.json()["model"] == tag
+            assert anonymous.get("/readyz").status_code == 200
+    finally:
+        stop_process_group(server.process)
 
 
 def test_explain_returns_a_png_overlay(client: httpx.Client, metadata: dict) -> None:

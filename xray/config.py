@@ -6,6 +6,7 @@ before any work starts.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,6 +25,40 @@ _CHOICES = {
     "trainer.monitor": ("roc_auc", "accuracy", "loss"),
     "trainer.cv_final_model": ("retrain", "best_fold"),
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),
+}
+# Inclusive bounds for every numeric key: wide enough for any real run, narrow enough that
+# a typo (or a hostile /train caller) cannot ask for a billion epochs, NaN or a negative rate.
+_SEED_MAX = 2**32 - 1
+_RANGES: dict[str, tuple[float, float]] = {
+    "ingestion.min_images_per_class": (1, 1_000_000),
+    "ingestion.demo_images_per_class": (1, 10_000),
+    "ingestion.s3.max_concurrency": (1, 64),
+    "ingestion.s3.max_attempts": (1, 20),
+    "transformation.seed": (0, _SEED_MAX),
+    "transformation.augment.rotation_degrees": (0, 180),
+    "transformation.augment.translate": (0, 0.5),
+    "transformation.augment.scale": (0, 0.9),
+    "transformation.augment.brightness": (0, 1),
+    "transformation.augment.contrast": (0, 1),
+    "trainer.epochs": (1, 10_000),
+    "trainer.batch_size": (1, 4096),
+    "trainer.learning_rate": (1e-9, 10),
+    "trainer.weight_decay": (0, 1),
+    "trainer.warmup_epochs": (0, 10_000),
+    "trainer.label_smoothing": (0, 0.99),
+    "trainer.precise_bn_images": (0, 1_000_000),
+    "trainer.ema_epochs": (0, 10_000),
+    "trainer.early_stopping_patience": (0, 10_000),
+    "trainer.min_steps": (0, 10_000_000),
+    "trainer.num_threads": (0, 1024),
+    "trainer.max_batches_per_epoch": (0, 1_000_000_000),
+    "trainer.seed": (0, _SEED_MAX),
+    "trainer.cv_folds": (0, 100),
+    "evaluation.gradcam_per_class": (0, 100),
+    "evaluation.calibration_bins": (1, 1000),
+    "gate.min_roc_auc": (0, 1),
+    "gate.min_accuracy": (0, 1),
+    "gate.min_class_recall": (0, 1),
 }
 
 
@@ -97,18 +132,7 @@ def validate(config: PipelineConfig) -> None:
             raise ConfigError(f"config: unknown candidate {name!r} (known: {', '.join(CANDIDATES)})")
     if len(set(trainer.candidates)) != len(trainer.candidates):
         raise ConfigError("config: trainer.candidates lists a model twice")
-    positive = {
-        "trainer.epochs": trainer.epochs,
-        "trainer.batch_size": trainer.batch_size,
-        "ingestion.min_images_per_class": config.ingestion.min_images_per_class,
-        "trainer.learning_rate": trainer.learning_rate,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config: {key} must be positive, got {value}")
-    for key, value in {"trainer.min_steps": trainer.min_steps, "trainer.ema_epochs": trainer.ema_epochs}.items():
-        if value < 0:
-            raise ConfigError(f"config: {key} must not be negative (0 turns it off), got {value}")
+    check_ranges(flat)
     size = config.transformation.image_size
     if size != "auto" and (isinstance(size, str) or not 32 <= size <= 1024):
         raise ConfigError(f"config: transformation.image_size must be 'auto' or between 32 and 1024, got {size!r}")
@@ -117,6 +141,16 @@ def validate(config: PipelineConfig) -> None:
         raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")
     if trainer.cv_folds == 1 or trainer.cv_folds < 0:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
+
+
+def check_ranges(flat: dict[str, Any]) -> None:
+    """Every numeric key finite and inside ``_RANGES``: one line naming the key, the bounds and the value."""
+    for key, (low, high) in _RANGES.items():
+        if key not in flat:
+            continue
+        value = flat[key]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"config: {key} must be between {low:g} and {high:g}, got {value!r}")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The only decoders an image ever reaches (Pillow format name -> file suffixes): every other Pillow
+# plugin stays unreachable from data and uploads (EPS, for one, would run Ghostscript). DICOM joins here.
+IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg"),
+    "TIFF": (".tif", ".tiff"),
+}
+IMAGE_SUFFIXES = tuple(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
+ACCEPTED = ", ".join(IMAGE_FORMATS)
 DEFAULT_MAX_PIXELS = 50_000_000  # far above any radiograph, far below a decompression bomb
 
 
@@ -26,6 +34,38 @@ class ImageDecodeError(ValueError):
 
 class ImageTooLargeError(ImageDecodeError):
     """More pixels than the configured limit: refused before decoding."""
+
+
+class UnsupportedImageFormat(ImageDecodeError):
+    """An image, but in a format outside ``IMAGE_FORMATS`` (HTTP 415)."""
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The Pillow format whose signature ``head`` carries, by prefix only: no plugin decodes anything."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head):
+                return name
+        except Exception:  # noqa: BLE001 - a signature check that trips over short input has no match
+            continue
+    return None
+
+
+def _unreadable(data: bytes | Path) -> ImageDecodeError:
+    """Refused by every allowed decoder: 415 if it is another image format, else 400."""
+    try:
+        if isinstance(data, bytes):
+            head = data[:64]
+        else:
+            with data.open("rb") as handle:
+                head = handle.read(64)
+    except OSError:
+        head = b""
+    other = sniff_format(head)
+    if other is not None and other not in IMAGE_FORMATS:
+        return UnsupportedImageFormat(f"{other} images are not accepted: send {ACCEPTED}")
+    return ImageDecodeError(f"not a readable image: not a {ACCEPTED} file (or damaged beyond its header)")
 
 
 @dataclass(frozen=True)
@@ -61,7 +101,7 @@ def open_image(
     ``keep_size`` records the stored size in ``image.info["xray_original_size"]``.
     """
     try:
-        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=tuple(IMAGE_FORMATS))
         width, height = image.size
         if width * height > max_pixels:
             raise ImageTooLargeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
@@ -77,14 +117,18 @@ def open_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image has more pixels than allowed ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a readable image: not a PNG or JPEG file (or damaged beyond its header)") from None
+        raise _unreadable(data) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"damaged image: {exc}") from None
     return image
 
 
+_GREYABLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
 def to_grayscale_array(image: Image.Image) -> np.ndarray:
-    """Any PIL mode (L, RGB, RGBA, P, 16-bit, float) -> uint8 ``H×W``."""
+    """Any grey or colour PIL mode (L, RGB, RGBA, P, CMYK, 16-bit, float) -> uint8 ``H×W``;
+    UnsupportedImageFormat for modes that hold no plain brightness (LAB, HSV)."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(image, dtype=np.float32)  # float32: a 50 MP film stays at 200 MB
@@ -98,6 +142,8 @@ def to_grayscale_array(image: Image.Image) -> np.ndarray:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)
+    if mode not in _GREYABLE_MODES:  # TIFF allows LAB, HSV and more: not what a radiograph is stored as
+        raise UnsupportedImageFormat(f"images in colour mode {mode} are not accepted: send grey, RGB or palette images")
     if image.mode != "L":
         image = image.convert("L")
     return np.asarray(image, dtype=np.uint8)

@@ -21,7 +21,9 @@ limits are decorator arguments): ``XRAY_MODEL_TAG`` (default: the production
 pointer of ``XRAY_MODEL_NAME``, see ``xray.registry``), ``XRAY_MAX_UPLOAD_BYTES``,
 ``XRAY_MAX_PIXELS``, ``XRAY_MAX_BATCH_SIZE``, ``XRAY_MAX_LATENCY_MS``,
 ``XRAY_PRECISION``, ``XRAY_DECODE_THREADS``, ``XRAY_MAX_CONCURRENCY``,
-``XRAY_FRONT_WORKERS``, ``XRAY_MODEL_WORKERS``, ``XRAY_MODEL_THREADS``.
+``XRAY_FRONT_WORKERS``, ``XRAY_MODEL_WORKERS``, ``XRAY_MODEL_THREADS``, ``XRAY_SERVE_TOKENS``
+(comma-separated bearer tokens for ``/predict``, ``/explain``, ``/metrics`` and ``/metadata``; unset:
+they are open, as a Bento behind its own gateway usually is).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ from starlette.responses import JSONResponse
 
 from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
 from xray.inference import choose_device, choose_precision
-from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, load_pixels
+from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageFormat, load_pixels
 from xray.registry import production_tag
 from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
+from xray.tokens import matches_any
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class ServingSettings:
     front_workers: int = 1
     model_workers: int = 2  # single-threaded model processes: at small batches two beat one with two threads
     model_threads: int = 0  # torch threads per model worker; 0 = the machine's cores / model_workers
+    serve_tokens: tuple[str, ...] = ()  # bearer tokens for the guarded routes; empty: they are open
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
@@ -96,6 +100,7 @@ class ServingSettings:
             front_workers=number("XRAY_FRONT_WORKERS", defaults.front_workers),
             model_workers=number("XRAY_MODEL_WORKERS", defaults.model_workers),
             model_threads=number("XRAY_MODEL_THREADS", defaults.model_threads),
+            serve_tokens=tuple(t.strip() for t in env.get("XRAY_SERVE_TOKENS", "").split(",") if t.strip()),
         )
 
     def threads_per_model_worker(self) -> int:
@@ -109,6 +114,8 @@ def production_or_latest(model_name: str) -> str:
 
 SETTINGS = ServingSettings.from_env()
 BACKEND_ATTEMPTS = 3
+# aiohttp RuntimeErrors that mean the session was replaced under an in-flight call, not a bad request.
+DROPPED_CONNECTION_MESSAGES = ("Session is closed", "Connection closed")
 
 
 class Prediction(BaseModel):
@@ -130,6 +137,34 @@ def json_safe(value: Any) -> Any:
 
 def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+class ServeTokenGuard:
+    """401 on the guarded routes unless the request carries ``Authorization: Bearer <serve token>``.
+
+    Runs in front of everything BentoML serves (its ``/metrics`` included), so
+    the model's outputs and its metadata need the token once one is set; the
+    health probes (``/livez``, ``/readyz``) stay open for the orchestrator.
+    """
+
+    def __init__(self, app: Any, tokens: tuple[str, ...], routes: tuple[str, ...]) -> None:
+        self.app = app
+        self.tokens = tokens
+        self.routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.tokens or scope.get("path", "").rstrip("/") not in self.routes:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip() and matches_any(token.strip().encode(), self.tokens):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "this route needs 'Authorization: Bearer <token>' with a token from XRAY_SERVE_TOKENS"
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
 
 
 class UploadGuard:
@@ -364,7 +399,10 @@ class XrayClassifier:
 
         BentoML's dependency client replaces its HTTP session every 100 calls
         or 5 minutes and closes the old one with calls still in flight on it;
-        those fail with a disconnect that says nothing about the request.
+        those fail with a disconnect, a cut-off response body, or (a call that
+        took the old session just before it closed) aiohttp's "Session is
+        closed" or "Connection closed", none of which says anything about the
+        request.
         """
         import aiohttp
 
@@ -372,8 +410,9 @@ class XrayClassifier:
         for attempt in range(1, BACKEND_ATTEMPTS + 1):
             try:
                 return await method(**kwargs)
-            except aiohttp.ClientConnectionError as exc:
-                if attempt == BACKEND_ATTEMPTS:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError) as exc:
+                closed_session = isinstance(exc, RuntimeError) and str(exc).startswith(DROPPED_CONNECTION_MESSAGES)
+                if attempt == BACKEND_ATTEMPTS or (isinstance(exc, RuntimeError) and not closed_session):
                     raise
                 logger.warning("model service call %s dropped (%s); retrying", api, exc)
 
@@ -394,6 +433,8 @@ class XrayClassifier:
             )
         except ImageTooLargeError as exc:
             return error_response(413, str(exc))
+        except UnsupportedImageFormat as exc:
+            return error_response(415, str(exc))
         except Exception as exc:  # noqa: BLE001 - anything the decoder trips over is the input's fault
             logger.info("undecodable upload: %s: %s", type(exc).__name__, exc)
             message = str(exc) if isinstance(exc, ValueError) else f"not a readable image ({type(exc).__name__})"
@@ -408,6 +449,9 @@ class XrayClassifier:
         )
 
 
+XrayClassifier.add_asgi_middleware(
+    ServeTokenGuard, tokens=SETTINGS.serve_tokens, routes=("/predict", "/explain", "/metrics", "/metadata")
+)
 XrayClassifier.add_asgi_middleware(
     UploadGuard, max_bytes=SETTINGS.max_upload_bytes, upload_routes=("/predict", "/explain"), file_field="image"
 )

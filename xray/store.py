@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import platform
 import secrets
 import shutil
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ARTIFACT_JSON = "artifact.json"
 STAGES = ("data_ingestion", "data_transformation", "model_trainer", "model_evaluation", "model_pusher")
 _TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "pillow", "grad-cam", "bentoml", "boto3")
@@ -352,32 +354,46 @@ def load_artifact(path: Path) -> Any:
         raise RunError(f"{path}: {exc}") from None
 
 
-def check_run_id(run_id: str) -> None:
-    if not run_id or "/" in run_id or run_id.startswith("."):
-        raise RunError(f"not a run id: {run_id!r}")
+def check_run_id(run_id: str) -> str:
+    """A run id is one short, plain path segment: never '..', a slash, a NUL or a 300-character name."""
+    if not RUN_ID_RE.fullmatch(run_id or ""):
+        shown = run_id if len(run_id or "") <= 80 else f"{run_id[:80]}..."
+        raise RunError(f"not a run id: {shown!r}")
+    return run_id
 
 
 def load_manifest(root: Path, run_id: str) -> RunManifest:
+    """The run's manifest, or RunError whose message names no server path (it may reach an HTTP client)."""
     check_run_id(run_id)
     path = root / run_id / MANIFEST
     if not path.is_file():
-        raise RunError(f"no run {run_id!r} under {root}")
+        raise RunError(f"no run {run_id!r}")
     try:
-        return from_mapping(RunManifest, read_json(path))
-    except SchemaError as exc:
-        raise RunError(f"{path}: {exc}") from None
+        return from_mapping(RunManifest, json.loads(path.read_bytes()))
+    except (SchemaError, ValueError, TypeError, AttributeError) as exc:  # not JSON, not UTF-8, not a mapping
+        raise RunError(f"run {run_id}: damaged {MANIFEST}: {exc}") from None
+    except OSError as exc:
+        raise RunError(f"run {run_id}: cannot read {MANIFEST}: {exc.strerror}") from None
+
+
+def run_ids(root: Path) -> list[str]:
+    """Every directory under ``root`` that holds a manifest, damaged or not, oldest first."""
+    if not root.is_dir():
+        return []
+    return [
+        p.name
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and RUN_ID_RE.fullmatch(p.name) and (p / MANIFEST).is_file()
+    ]
 
 
 def list_runs(root: Path) -> list[RunManifest]:
-    if not root.is_dir():
-        return []
     runs = []
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and not path.name.startswith(".") and (path / MANIFEST).is_file():
-            try:
-                runs.append(load_manifest(root, path.name))
-            except RunError as exc:
-                logger.warning("skipping damaged run %s: %s", path.name, exc)
+    for run_id in run_ids(root):
+        try:
+            runs.append(load_manifest(root, run_id))
+        except RunError as exc:
+            logger.warning("skipping damaged run %s: %s", run_id, exc)
     return runs
 
 

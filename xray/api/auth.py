@@ -1,14 +1,15 @@
-"""Bearer tokens with two roles, for the API and (through a login cookie) for the pages.
+"""Bearer tokens with three roles, for the API and (through a login cookie) for the pages.
 
-``train`` may start and cancel runs and read everything; ``read`` may only
-read. Tokens are compared with ``hmac.compare_digest`` against every
-configured token, so the time taken says nothing about which one nearly
-matched.
+``admin`` may do what ``train`` may and also override server-held config
+(gate, push, S3, weights: see ``xray.api.policy``); ``train`` may start and
+cancel runs and read everything; ``read`` may only read. A client that sends
+too many wrong tokens gets 429 until its window passes. Tokens are compared
+with ``hmac.compare_digest`` against every configured token, so the time
+taken says nothing about which one nearly matched.
 """
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import quote, urlsplit
@@ -17,9 +18,12 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from xray.api.settings import AppSettings, Tokens
+from xray.tokens import matches_any
 
 READ = "read"
 TRAIN = "train"
+ADMIN = "admin"
+MAY_TRAIN = (TRAIN, ADMIN)
 COOKIE_NAME = "xray_token"
 NO_TRAIN_TOKEN = (
     "training is disabled: no train token is configured; set XRAY_TRAIN_TOKENS (comma-separated tokens) "
@@ -29,13 +33,16 @@ _UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
-    description="A token from XRAY_TRAIN_TOKENS (train and read) or XRAY_READ_TOKENS (read only).",
+    description=(
+        "A token from XRAY_ADMIN_TOKENS (any override), XRAY_TRAIN_TOKENS (train with the allowed overrides, "
+        "and read) or XRAY_READ_TOKENS (read only)."
+    ),
 )
 
 
 @dataclass(frozen=True)
 class Principal:
-    role: str  # train | read
+    role: str  # admin | train | read
     via: str  # bearer | cookie
 
 
@@ -48,21 +55,41 @@ class LoginRequired(Exception):
         self.message = message
 
 
-def _matches(candidate: bytes, known: tuple[str, ...]) -> bool:
-    found = False
-    for token in known:  # no early exit: every configured token is compared
-        found |= hmac.compare_digest(candidate, token.encode())
-    return found
-
-
 def role_of(token: str, tokens: Tokens) -> str | None:
     """The strongest role the token grants, or None."""
     candidate = token.encode()
-    is_train = _matches(candidate, tokens.train)
-    is_read = _matches(candidate, tokens.read)
+    is_admin = matches_any(candidate, tokens.admin)
+    is_train = matches_any(candidate, tokens.train)
+    is_read = matches_any(candidate, tokens.read)
+    if is_admin:
+        return ADMIN
     if is_train:
         return TRAIN
     return READ if is_read else None
+
+
+def client_key(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def too_many_failures(request: Request) -> HTTPException | None:
+    """429 with Retry-After while this client is over its failed-attempt budget."""
+    wait = request.app.state.auth_limiter.retry_after(client_key(request))
+    if wait is None:
+        return None
+    return HTTPException(
+        status_code=429,
+        detail=f"too many failed token attempts from this client; try again in {wait} s",
+        headers={"Retry-After": str(wait)},
+    )
+
+
+def checked_role(request: Request, token: str) -> str | None:
+    """``role_of`` that counts a failure against the client when the token grants nothing."""
+    granted = role_of(token, request.app.state.settings.tokens)
+    if granted is None:
+        request.app.state.auth_limiter.record_failure(client_key(request))
+    return granted
 
 
 def _settings(request: Request) -> AppSettings:
@@ -91,15 +118,18 @@ def _unauthorized(message: str, error: str | None = None) -> HTTPException:
 
 def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None, role: str) -> Principal:
     settings = _settings(request)
-    if role == TRAIN and not settings.tokens.train:
+    if role == TRAIN and not (settings.tokens.train or settings.tokens.admin):
         raise HTTPException(status_code=503, detail=NO_TRAIN_TOKEN)
     token, via = _token(request, credentials)
     if token is None:
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-    granted = role_of(token, settings.tokens)
+    limited = too_many_failures(request)
+    if limited is not None:
+        raise limited
+    granted = checked_role(request, token)
     if granted is None:
         raise _unauthorized("invalid token", error="invalid_token")
-    if role == TRAIN and granted != TRAIN:
+    if role == TRAIN and granted not in MAY_TRAIN:
         raise HTTPException(
             status_code=403, detail="this token may only read; starting or cancelling runs needs a train token"
         )

@@ -7,30 +7,47 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xray.api import pages, routes
 from xray.api.auth import LoginRequired, login_url
 from xray.api.jobs import JobManager
+from xray.api.limits import BodySizeLimit
 from xray.api.predict import make_predictor
+from xray.api.ratelimit import FailedAuthLimiter
 from xray.api.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
-_TITLES = {400: "Bad request", 403: "Forbidden", 404: "Not found", 409: "Conflict", 503: "Unavailable"}
+_TITLES = {
+    400: "Bad request",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    413: "Too large",
+    415: "Unsupported image format",
+    429: "Too many attempts",
+    503: "Unavailable",
+}
+# Swagger UI's script and stylesheet from an installed package: /docs works on an offline network.
+SWAGGER_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and form fields around an upload
 DESCRIPTION = """Training service for the chest X-ray classifier.
 
 * `POST /train` starts the pipeline in a worker process (one at a time) and answers `202` with the run id.
 * `GET /runs/{id}` follows it: status, stage, epoch progress, metrics, push decision.
 * Runs live in the artifacts directory: the app can restart without losing them.
 
-Authenticate with `Authorization: Bearer <token>`: a **train** token may start and cancel runs,
-a **read** token may only read. The HTML pages (`/ui/runs`, `/ui/predict`) use a login cookie.
+Authenticate with `Authorization: Bearer <token>`: a **train** token may start and cancel runs
+with the allowed overrides, an **admin** token may send any override, a **read** token may only read.
+The HTML pages (`/ui/runs`, `/ui/predict`) use a login cookie.
 """
 
 
@@ -62,11 +79,30 @@ def create_app(settings: AppSettings) -> FastAPI:
                 "shutting down with training still running: %s", ", ".join(f"{k} (pid {v})" for k, v in left.items())
             )
 
-    app = FastAPI(title="xray training service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="xray training service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served below with local assets
+        redoc_url=None,
+    )
     app.state.settings = settings
+    app.state.auth_limiter = FailedAuthLimiter(settings.auth_max_failures, settings.auth_window_s)
     app.include_router(routes.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=str(SWAGGER_ASSETS)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, exc: LoginRequired) -> Response:
@@ -109,4 +145,10 @@ def create_app(settings: AppSettings) -> FastAPI:
         response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
 
+    # Outermost: bodies are bounded before any parsing or token check.
+    app.add_middleware(
+        BodySizeLimit,
+        upload_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        other_limit=settings.max_json_bytes,
+    )
     return app

@@ -32,11 +32,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from xray.api.policy import check_overrides, confine_data_uri, override_key
 from xray.api.settings import AppSettings
 from xray.api.worker import START
 from xray.config import config_to_dict, load_config
 from xray.entity.config_entity import PipelineConfig
-from xray.errors import ConfigError, DataError, RunError
+from xray.errors import ConfigError, RunError
 from xray.store import MANIFEST, RunDir, RunManifest, list_runs, load_manifest, mark_orphaned
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ ACTIVE = ("queued", "running")
 WORKER_LOG = "worker.log"
 LOCK_FILE = ".train.lock"
 _START_SLACK_S = 2.0  # /proc start times are derived from a boot time with 1 s resolution
-_SECRET_ENV = ("XRAY_TRAIN_TOKENS", "XRAY_READ_TOKENS", "XRAY_TOKENS_FILE")
+_SECRET_ENV = ("XRAY_TRAIN_TOKENS", "XRAY_READ_TOKENS", "XRAY_ADMIN_TOKENS", "XRAY_TOKENS_FILE")
 
 
 class TrainingConflict(Exception):
@@ -131,33 +132,19 @@ class JobManager:
 
     # -- validation
 
-    def validate(self, data: str | None, overrides: list[str]) -> PipelineConfig:
-        """The config a run would use, or ConfigError (bad override) / DataError (missing data)."""
+    def validate(self, data: str | None, overrides: list[str], admin: bool = False) -> PipelineConfig:
+        """The config a run would use, or Forbidden (override or data not allowed for this caller),
+        ConfigError (bad override) / DataError (missing data)."""
+        check_overrides(overrides, admin)
         for item in overrides:
-            key = item.partition("=")[0].strip()
-            if key == "artifacts_dir":
+            if override_key(item) == "artifacts_dir":
                 raise ConfigError("artifacts_dir is set by the service (XRAY_ARTIFACTS_DIR), not per run")
         config = load_config(
             self.settings.config_path,
             [*overrides, f"artifacts_dir={json.dumps(str(self.root))}"],
             data_uri=data,
         )
-        return dataclasses.replace(config, data_uri=self.check_data_uri(config.data_uri))
-
-    def check_data_uri(self, uri: str) -> str:
-        """Local paths are made absolute and must exist now; demo and s3:// are checked by the run."""
-        uri = uri.strip()
-        if uri == "demo" or uri.startswith("s3://"):
-            return uri
-        if "://" in uri:
-            raise DataError(f"unsupported data URI {uri!r}: use demo, a server-side path, or s3://bucket/prefix")
-        path = Path(uri).expanduser()
-        path = (path if path.is_absolute() else self.settings.workdir / path).resolve()
-        if not path.exists():
-            raise DataError(f"data path does not exist on the server: {path}")
-        if not (path.is_dir() or path.suffix == ".npz"):
-            raise DataError(f"data path must be a folder or an .npz file: {path}")
-        return str(path)
+        return dataclasses.replace(config, data_uri=confine_data_uri(config.data_uri, self.settings))
 
     # -- starting
 

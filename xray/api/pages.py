@@ -18,17 +18,18 @@ from fastapi.templating import Jinja2Templates
 
 from xray.api.auth import (
     COOKIE_NAME,
-    TRAIN,
+    MAY_TRAIN,
     Principal,
+    checked_role,
     page_reader,
     page_trainer,
-    role_of,
     safe_next,
+    too_many_failures,
 )
 from xray.api.jobs import ACTIVE, NotActive
 from xray.api.predict import BadUpload, PredictionUnavailable
-from xray.api.routes import diff_view, get_manifest, jobs, models_view, run_prediction, verify
-from xray.api.views import load_view, summary
+from xray.api.routes import diff_view, get_manifest, jobs, models_view, run_prediction, run_summaries, verify
+from xray.api.views import load_view
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ def login(
     request: Request, token: Annotated[str, Form(max_length=4096)] = "", next: Annotated[str, Form()] = "/ui/runs"
 ) -> Response:
     settings = request.app.state.settings
-    if not token or role_of(token.strip(), settings.tokens) is None:
+    limited = too_many_failures(request)
+    if limited is not None:
+        raise limited
+    if not token or checked_role(request, token.strip()) is None:
         return render(request, "login.html", {"next": safe_next(next), "error": "invalid token"}, status_code=401)
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
@@ -102,7 +106,7 @@ def logout() -> RedirectResponse:
 
 @router.get("/ui/runs", response_class=HTMLResponse)
 def runs_page(request: Request, principal: Annotated[Principal, Depends(page_reader)]) -> HTMLResponse:
-    runs = [summary(m) for m in reversed(jobs(request).runs())]
+    runs = run_summaries(request)
     active = any(r.status in ACTIVE for r in runs)
     return render(request, "runs.html", {"principal": principal, "runs": runs, "refresh": active})
 
@@ -125,7 +129,7 @@ def run_page(
         "config_yaml": yaml.safe_dump(manifest.config, sort_keys=False, default_flow_style=False),
         "environment": manifest.environment,
         "refresh": manifest.status in ACTIVE and not verify_files,
-        "can_cancel": manifest.status in ACTIVE and principal.role == TRAIN,
+        "can_cancel": manifest.status in ACTIVE and principal.role in MAY_TRAIN,
     }
     return render(request, "run.html", context)
 
@@ -172,7 +176,9 @@ def predict_submit(
     try:
         result = run_prediction(request, image)
     except BadUpload as exc:
-        return render(request, "predict.html", {**context, "error": f"That upload cannot be used: {exc}"}, 400)
+        return render(
+            request, "predict.html", {**context, "error": f"That upload cannot be used: {exc}"}, exc.status_code
+        )
     except PredictionUnavailable as exc:
         return render(request, "predict.html", {**context, "error": str(exc)}, 503)
     ranked = sorted(result.probabilities.items(), key=lambda kv: kv[1], reverse=True)

@@ -21,7 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 class BadUpload(ValueError):
-    """The upload is not an image the model can read: the user's to fix."""
+    """The upload is not an image the model can read: the user's to fix (``status_code`` says how)."""
+
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class PredictionUnavailable(RuntimeError):
@@ -83,7 +87,7 @@ class BentoPredictor:
         except httpx.HTTPError as exc:
             raise PredictionUnavailable(f"the Bento service at {self.url} cannot be reached: {exc}") from None
         if 400 <= response.status_code < 500:
-            raise BadUpload(_error_message(response))
+            raise BadUpload(_error_message(response), response.status_code)
         if response.status_code >= 300:
             raise PredictionUnavailable(
                 f"the Bento service at {self.url} answered {response.status_code} on {route}: {_error_message(response)}"
@@ -129,16 +133,29 @@ class LocalPredictor:
         return self._loaded
 
     def predict(self, data: bytes, filename: str, content_type: str | None) -> PredictionResult:
-        from xray.explain import gradcam_overlays
-        from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, load_pixels
+        from xray.preprocessing import (
+            DEFAULT_MAX_PIXELS,
+            ImageDecodeError,
+            ImageTooLargeError,
+            UnsupportedImageFormat,
+            open_image,
+            resize_square,
+            to_grayscale_array,
+        )
+
+        try:  # the upload is judged before any model is needed: a bad one is the caller's 4xx either way
+            grey = to_grayscale_array(open_image(data, self.max_pixels or DEFAULT_MAX_PIXELS))
+        except ImageDecodeError as exc:
+            status = 400
+            if isinstance(exc, (UnsupportedImageFormat, ImageTooLargeError)):
+                status = 415 if isinstance(exc, UnsupportedImageFormat) else 413
+            raise BadUpload(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)), status) from None
+        from xray.explain import gradcam_overlays  # heavy (grad-cam): only once the upload is usable
 
         with self._lock:
             tag, loaded = self._model()
             spec = loaded.spec
-            try:
-                pixels = load_pixels(data, spec.preprocessing.image_size, self.max_pixels or DEFAULT_MAX_PIXELS)
-            except ImageDecodeError as exc:
-                raise BadUpload(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))) from None
+            pixels = resize_square(grey, spec.preprocessing.image_size)
             probabilities = loaded.predict_proba(pixels[None])[0]
             index = int(np.argmax(probabilities))
             overlay = gradcam_overlays(loaded.model, pixels[None], spec.preprocessing, [index])[0]
@@ -159,4 +176,4 @@ def check_upload(data: bytes, max_bytes: int) -> None:
     if not data:
         raise BadUpload("the uploaded file is empty: choose a PNG or JPEG radiograph")
     if len(data) > max_bytes:
-        raise BadUpload(f"the upload is larger than the limit of {max_bytes} bytes")
+        raise BadUpload(f"the upload is larger than the limit of {max_bytes} bytes", 413)

@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile as ReceivedFile
 
-from xray.api.auth import Principal, require_read, require_train
+from xray.api.auth import ADMIN, Principal, require_read, require_train
 from xray.api.jobs import NotActive, TrainingConflict, WorkerStartError, tail_lines
+from xray.api.policy import Forbidden
 from xray.api.predict import BadUpload, PredictionResult, PredictionUnavailable, check_upload
 from xray.api.schemas import (
     CancelAccepted,
@@ -34,7 +35,7 @@ from xray.errors import ConfigError, DataError, RunError, XrayError
 from xray.keys import SigningKeyError
 from xray.run_diff import RunDiff, diff_runs
 from xray.seal import verify_run
-from xray.store import RunManifest
+from xray.store import RunManifest, run_ids
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ _AUTH_ERRORS = {
     403: {"model": ErrorOut, "description": "the token's role does not allow this"},
 }
 _NOT_FOUND = {404: {"model": ErrorOut, "description": "no such run or file"}}
+NAME_MAX = 255  # bytes in one path segment on Linux file systems
 _INLINE_TYPES = ("image/png", "image/jpeg", "text/plain", "application/json")
 
 
@@ -74,6 +76,10 @@ def healthz() -> Health:
     responses={
         **_AUTH_ERRORS,
         400: {"model": ErrorOut, "description": "the data URI does not exist or is not supported"},
+        403: {
+            "model": ErrorOut,
+            "description": "a read token; an override only an admin token may send; data outside the data roots",
+        },
         409: {"model": ConflictOut, "description": "a run is already queued or running"},
         422: {"description": "malformed body, or an override the config rejects"},
         503: {"model": ErrorOut, "description": "no train token configured, or the worker could not start"},
@@ -81,14 +87,16 @@ def healthz() -> Health:
 )
 def train(
     request: Request,
-    _: Annotated[Principal, Depends(require_train)],
+    principal: Annotated[Principal, Depends(require_train)],
     body: TrainRequest | None = None,
 ) -> JSONResponse:
-    """Validates the config first: a bad override or missing data creates no run."""
+    """Validates the config first: a forbidden or bad override or missing data creates no run."""
     body = body or TrainRequest()
     manager = jobs(request)
     try:
-        config = manager.validate(body.data, body.overrides)
+        config = manager.validate(body.data, body.overrides, admin=principal.role == ADMIN)
+    except Forbidden as exc:
+        raise HTTPException(status_code=403, detail=str(exc)) from None
     except ConfigError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
     except DataError as exc:
@@ -108,7 +116,19 @@ def train(
     "/runs", response_model=list[RunSummary], tags=["runs"], summary="all runs, newest first", responses=_AUTH_ERRORS
 )
 def runs(request: Request, _: Annotated[Principal, Depends(require_read)]) -> list[RunSummary]:
-    return [summary(m) for m in reversed(jobs(request).runs())]
+    return run_summaries(request)
+
+
+def run_summaries(request: Request) -> list[RunSummary]:
+    """Newest first; a run whose manifest cannot be read is listed as broken instead of failing the list."""
+    manager = jobs(request)
+    listed = []
+    for run_id in reversed(run_ids(manager.root)):
+        try:
+            listed.append(summary(manager.get(run_id)))
+        except (RunError, ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            listed.append(RunSummary(run_id=run_id, status="broken", reason=f"unreadable run: {exc}"))
+    return listed
 
 
 @router.get(
@@ -175,12 +195,18 @@ def resolve_artifact(root: Path, run_id: str, relative: str) -> Path:
     parts = relative.replace("\\", "/").split("/")
     if any(part in ("..", ".") for part in parts):
         raise HTTPException(status_code=400, detail="artifact path must not contain '.' or '..' segments")
-    run_dir = (root / run_id).resolve()
-    target = (run_dir / relative).resolve()
-    if not target.is_relative_to(run_dir):
-        raise HTTPException(status_code=403, detail="artifact path leads outside the run directory")
-    if not target.is_file():
-        raise HTTPException(status_code=404, detail=f"no file {relative!r} in run {run_id}")
+    if any(len(part.encode()) > NAME_MAX for part in parts):
+        raise HTTPException(status_code=400, detail=f"artifact path has a segment over {NAME_MAX} bytes")
+    missing = HTTPException(status_code=404, detail=f"no file {relative[:200]!r} in run {run_id}")
+    try:
+        run_dir = (root / run_id).resolve()
+        target = (run_dir / relative).resolve()
+        if not target.is_relative_to(run_dir):
+            raise HTTPException(status_code=403, detail="artifact path leads outside the run directory")
+        if not target.is_file():
+            raise missing
+    except OSError:  # a path too long for the file system, a loop of links
+        raise missing from None
     return target
 
 
@@ -301,6 +327,8 @@ def run_prediction(request: Request, image: UploadFile | None) -> PredictionResu
     responses={
         **_AUTH_ERRORS,
         400: {"model": ErrorOut, "description": "not a readable image"},
+        413: {"model": ErrorOut, "description": "more bytes or pixels than the limits"},
+        415: {"model": ErrorOut, "description": "an image format other than PNG, JPEG or TIFF"},
         503: {"model": ErrorOut, "description": "no production model, or the Bento service is down"},
     },
 )
@@ -312,6 +340,6 @@ def predict(
     try:
         return prediction_out(run_prediction(request, image))
     except BadUpload as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from None
+        raise HTTPException(status_code=exc.status_code, detail=str(exc)) from None
     except PredictionUnavailable as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from None

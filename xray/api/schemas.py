@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from xray.api.policy import TRAIN_OVERRIDES
+
 
 class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -13,14 +15,15 @@ class TrainRequest(BaseModel):
     data: str | None = Field(
         None,
         max_length=4096,
-        description="dataset URI: demo, a folder or .npz path on the server, or s3://bucket/prefix "
-        "(default: the config's data_uri)",
+        description="dataset URI: demo, a folder or .npz path under the server's XRAY_DATA_ROOTS, or "
+        "s3://bucket/prefix in XRAY_DATA_BUCKETS (default: the config's data_uri); elsewhere: 403",
         examples=["demo"],
     )
     overrides: list[str] = Field(
         default_factory=list,
         max_length=200,
-        description="config overrides, each section.key=value (value parsed as YAML)",
+        description="config overrides, each section.key=value (value parsed as YAML); a train token may set only "
+        f"{', '.join(TRAIN_OVERRIDES)} (others: 403, admin tokens only)",
         examples=[["trainer.epochs=5", "trainer.candidates=[simple_cnn]"]],
     )
 
@@ -81,11 +84,11 @@ class PushDecision(BaseModel):
 
 class RunSummary(BaseModel):
     run_id: str
-    status: str = Field(description="queued | running | succeeded | failed")
-    reason: str | None = Field(None, description="why the run failed")
-    created_at: str
+    status: str = Field(description="queued | running | succeeded | failed | broken (its manifest cannot be read)")
+    reason: str | None = Field(None, description="why the run failed or is broken")
+    created_at: str = ""
     finished_at: str | None = None
-    data_uri: str
+    data_uri: str = ""
     current_stage: str | None = None
     progress: Progress = Field(default_factory=Progress)
     best_candidate: str | None = None

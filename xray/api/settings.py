@@ -26,10 +26,11 @@ MIN_TOKEN_LENGTH = 16
 
 @dataclass(frozen=True)
 class Tokens:
-    """Bearer tokens by role. ``train`` tokens may also read."""
+    """Bearer tokens by role. ``admin`` may do all ``train`` may, ``train`` all ``read`` may."""
 
     train: tuple[str, ...] = ()
     read: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ()  # may also override the gate, push, S3 and other server-held keys
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,20 @@ class AppSettings:
     cookie_secure: bool = False  # set when served over https, so the login cookie never goes out in clear
     session_hours: int = 8
     exclusive_artifacts: bool = False  # only this service (on this host) runs training into the artifacts root
+    data_roots: tuple[Path, ...] = ()  # local folders POST /train may read; none: only the demo data
+    data_buckets: tuple[str, ...] = ()  # S3 buckets POST /train may read
+    max_json_bytes: int = 64 * 1024  # any request body that is not a multipart upload
+    auth_max_failures: int = 10  # failed token attempts per client within auth_window_s before 429
+    auth_window_s: int = 60
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> AppSettings:
         """``XRAY_CONFIG``, ``XRAY_ARTIFACTS_DIR``, ``XRAY_TRAIN_TOKENS``, ``XRAY_READ_TOKENS``,
         ``XRAY_TOKENS_FILE``, ``XRAY_BENTO_URL``, ``XRAY_MAX_UPLOAD_BYTES``, ``XRAY_COOKIE_SECURE``,
         ``XRAY_EXCLUSIVE_ARTIFACTS`` (a run recorded by another host name is dead: set it in a container,
-        whose host name changes when it is recreated)."""
+        whose host name changes when it is recreated), ``XRAY_ADMIN_TOKENS``, ``XRAY_DATA_ROOTS``
+        (colon- or comma-separated folders), ``XRAY_DATA_BUCKETS``, ``XRAY_MAX_JSON_BYTES``,
+        ``XRAY_AUTH_MAX_FAILURES``, ``XRAY_AUTH_WINDOW_S``."""
         cwd = (cwd or Path.cwd()).resolve()
         config_path: Path | None
         if env.get("XRAY_CONFIG"):
@@ -64,7 +72,6 @@ class AppSettings:
         model_name = config.push.model_name
         artifacts = env.get("XRAY_ARTIFACTS_DIR") or config.artifacts_dir or "artifacts"
         tokens = _tokens(env)
-        upload = env.get("XRAY_MAX_UPLOAD_BYTES", "").strip()
         return cls(
             artifacts_dir=_absolute(Path(artifacts), cwd),
             config_path=config_path,
@@ -72,9 +79,14 @@ class AppSettings:
             workdir=cwd,
             bento_url=(env.get("XRAY_BENTO_URL") or "").strip().rstrip("/") or None,
             model_name=model_name,
-            max_upload_bytes=int(upload) if upload else cls.max_upload_bytes,
+            max_upload_bytes=_positive_int(env, "XRAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             cookie_secure=_flag(env.get("XRAY_COOKIE_SECURE")),
             exclusive_artifacts=_flag(env.get("XRAY_EXCLUSIVE_ARTIFACTS")),
+            data_roots=tuple(_absolute(Path(p), cwd) for p in _split(env.get("XRAY_DATA_ROOTS"), ",:")),
+            data_buckets=tuple(_split(env.get("XRAY_DATA_BUCKETS"))),
+            max_json_bytes=_positive_int(env, "XRAY_MAX_JSON_BYTES", cls.max_json_bytes),
+            auth_max_failures=_positive_int(env, "XRAY_AUTH_MAX_FAILURES", cls.auth_max_failures),
+            auth_window_s=_positive_int(env, "XRAY_AUTH_WINDOW_S", cls.auth_window_s),
         )
 
 
@@ -87,30 +99,45 @@ def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _split(value: str | None) -> list[str]:
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
+def _split(value: str | None, separators: str = ",") -> list[str]:
+    text = value or ""
+    for extra in separators[1:]:
+        text = text.replace(extra, separators[0])
+    return [t.strip() for t in text.split(separators[0]) if t.strip()]
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def _tokens(env: Mapping[str, str]) -> Tokens:
     train = _split(env.get("XRAY_TRAIN_TOKENS"))
     read = _split(env.get("XRAY_READ_TOKENS"))
+    admin = _split(env.get("XRAY_ADMIN_TOKENS"))
     if env.get("XRAY_TOKENS_FILE"):
         path = Path(env["XRAY_TOKENS_FILE"]).expanduser()
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"XRAY_TOKENS_FILE {path}: {exc}") from None
-        if not isinstance(raw, dict) or set(raw) - {"train", "read"}:
-            raise ConfigError(f"XRAY_TOKENS_FILE {path}: expected a mapping with the keys train and/or read")
-        for role, target in (("train", train), ("read", read)):
+        if not isinstance(raw, dict) or set(raw) - {"train", "read", "admin"}:
+            raise ConfigError(f"XRAY_TOKENS_FILE {path}: expected a mapping with the keys train, read and/or admin")
+        for role, target in (("train", train), ("read", read), ("admin", admin)):
             values = raw.get(role) or []
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                 raise ConfigError(f"XRAY_TOKENS_FILE {path}: {role} must be a list of strings")
             target.extend(v.strip() for v in values if v.strip())
-    for token in (*train, *read):
+    for token in (*train, *read, *admin):
         if len(token) < MIN_TOKEN_LENGTH:
             logger.warning("a configured token is shorter than %d characters: use a long random one", MIN_TOKEN_LENGTH)
             break
-    if not train:
+    if not train and not admin:
         logger.warning("no train token configured: POST /train is refused until XRAY_TRAIN_TOKENS is set")
-    return Tokens(train=tuple(dict.fromkeys(train)), read=tuple(dict.fromkeys(read)))
+    return Tokens(
+        train=tuple(dict.fromkeys(train)), read=tuple(dict.fromkeys(read)), admin=tuple(dict.fromkeys(admin))
+    )

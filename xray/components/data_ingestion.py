@@ -57,8 +57,12 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
         root, s3_objects = _snapshot_s3(uri, config, run_dir, out)
         kind, dataset_path = "s3", run_dir.relative(root)
     else:
-        root = Path(uri).expanduser()
-        if not root.exists():
+        try:  # '~nosuchuser' raises RuntimeError, a 300-character name OSError: both are just not there
+            root = Path(uri).expanduser()
+            found = root.exists()
+        except (RuntimeError, OSError, ValueError):
+            found = False
+        if not found:
             raise DataError(f"data source not found: {uri}")
         root = root.resolve()
         kind = "npz" if root.is_file() else "folder"
@@ -232,11 +236,10 @@ def load_npz_split(archive: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarra
 
 
 def _snapshot_s3(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, tuple[SourceObject, ...]]:
-    from xray.sources.s3 import S3Settings, parse_s3_uri, sync_prefix
+    from xray.sources.s3 import S3Settings, mirror_dir_for, sync_prefix
 
     settings = S3Settings.from_config(config.ingestion.s3)
-    bucket, prefix = parse_s3_uri(uri)
-    mirror = run_dir.root / ".s3-mirror" / bucket / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    mirror = mirror_dir_for(run_dir.root / ".s3-mirror", uri, settings)
     records = sync_prefix(uri, mirror, settings)
     snapshot = out / "snapshot"
     for record in records:

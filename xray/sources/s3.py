@@ -91,7 +91,8 @@ _TRANSFER_ERRORS = (
     S3DownloadFailedError,
     CancelledError,
 )
-_BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
+# Starts and ends with a letter or digit (so never '.' or '..'), as S3 and its look-alikes require.
+_BUCKET_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,12 @@ def _split_uri(uri: str) -> tuple[str, str]:
     if parsed.query or parsed.fragment:
         raise SourceError(f"S3 URI must not have a query or fragment: {uri!r}")
     bucket = parsed.netloc
-    if not _BUCKET_RE.fullmatch(bucket):
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
         raise SourceError(f"invalid S3 bucket name {bucket!r} in {uri!r}")
-    return bucket, parsed.path.lstrip("/")
+    prefix = parsed.path.lstrip("/")
+    if any(ch in prefix for ch in "\x00\\") or any(part in (".", "..") for part in prefix.split("/")):
+        raise SourceError(f"S3 prefix must not hold '.' or '..' segments, backslashes or NUL bytes: {uri!r}")
+    return bucket, prefix
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -162,6 +166,15 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     return bucket, prefix
+
+
+def mirror_dir_for(root: Path, uri: str, settings: S3Settings) -> Path:
+    """Where ``uri`` is mirrored under ``root``: keyed by the endpoint too, so the same bucket name
+    on two servers (AWS and a local MinIO, say) never shares a mirror."""
+    bucket, prefix = parse_s3_uri(uri)
+    endpoint = _endpoint(_make_client(settings))
+    key = hashlib.sha256(f"{endpoint}\n{bucket}\n{prefix}".encode()).hexdigest()[:16]
+    return root / bucket / key
 
 
 def _relative_path(key: str, prefix: str) -> str:
