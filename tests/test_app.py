@@ -369,7 +369,10 @@ def test_login_cookie_for_the_pages(server: AppServer, trained: dict) -> None:
         assert login.status_code == 303 and login.headers["location"] == f"/ui/runs/{run_id}"
         cookie = login.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
-        assert browser.get(f"/ui/runs/{run_id}").status_code == 200
+        page = browser.get(f"/ui/runs/{run_id}")
+        assert page.status_code == 200
+        assert 'id="model-card"' in page.text and "SYNTHETIC demo phantoms" in page.text  # the rendered model card
+        assert "<th>95 % interval</th>" in page.text
         assert browser.get("/runs").status_code == 200  # the cookie works for the API's reads too
         cross = browser.post(f"/ui/runs/{run_id}/cancel", headers={"Origin": "http://evil.example"})
         assert cross.status_code == 403

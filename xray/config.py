@@ -13,6 +13,7 @@ import yaml
 
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import ConfigError
+from xray.grouping import patient_pattern
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 DEFAULT_CONFIG_PATH = Path("config/pipeline.yaml")
@@ -119,6 +120,26 @@ def validate(config: PipelineConfig) -> None:
         raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")
     if trainer.cv_folds == 1 or trainer.cv_folds < 0:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
+    _validate_clinical(config)
+
+
+def _validate_clinical(config: PipelineConfig) -> None:
+    """Patient grouping, operating point, bootstrap: class names are checked later, once the data are known."""
+    ingestion, evaluation = config.ingestion, config.evaluation
+    if ingestion.group_by and not ingestion.metadata_csv and patient_pattern(ingestion.group_by) is None:
+        raise ConfigError(
+            f"config: ingestion.group_by {ingestion.group_by!r} must be a regex with a named group 'patient' "
+            "(e.g. 'person(?P<patient>\\d+)_'), or a column of ingestion.metadata_csv"
+        )
+    point = evaluation.operating_point
+    if not 0 < point.target_sensitivity <= 1:
+        raise ConfigError(f"config: evaluation.operating_point.target_sensitivity must be in (0, 1], got {point.target_sensitivity}")
+    if len(set(point.positive)) != len(point.positive):
+        raise ConfigError("config: evaluation.operating_point.positive lists a class twice")
+    if not 1000 <= evaluation.bootstrap_resamples <= 100_000:
+        raise ConfigError(f"config: evaluation.bootstrap_resamples must be between 1000 and 100000, got {evaluation.bootstrap_resamples}")
+    if evaluation.subgroup_min_count < 1:
+        raise ConfigError(f"config: evaluation.subgroup_min_count must be positive, got {evaluation.subgroup_min_count}")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

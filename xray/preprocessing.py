@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from xray.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 DEFAULT_MAX_PIXELS = 50_000_000  # far above any radiograph, far below a decompression bomb
 
 
@@ -26,6 +28,10 @@ class ImageDecodeError(ValueError):
 
 class ImageTooLargeError(ImageDecodeError):
     """More pixels than the configured limit: refused before decoding."""
+
+
+class UnsupportedImageError(ImageDecodeError):
+    """A recognised format this installation cannot decode (e.g. a DICOM transfer syntax without a decoder): 415."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def open_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image has more pixels than allowed ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a readable image: not a PNG or JPEG file (or damaged beyond its header)") from None
+        raise ImageDecodeError("not a readable image: not a PNG, JPEG or DICOM file (or damaged beyond its header)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"damaged image: {exc}") from None
     return image
@@ -111,8 +117,29 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
 
 
+def decode_grayscale(
+    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> tuple[np.ndarray, DicomInfo | None]:
+    """The one decode function: bytes or a file (PNG, JPEG or DICOM) -> uint8 ``H×W`` at stored size.
+
+    DICOM is recognised by its ``DICM`` marker, not its name, so an upload
+    without a ``.dcm`` filename decodes the same way as the ingested file.
+    """
+    if is_dicom(data):
+        try:
+            return read_dicom(data, max_pixels)
+        except ImageDecodeError:
+            raise
+        except DicomUnsupportedError as exc:
+            raise UnsupportedImageError(str(exc)) from None
+        except ValueError as exc:
+            raise ImageDecodeError(str(exc)) from None
+    image = open_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    return to_grayscale_array(image), None
+
+
 def load_pixels(data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes or a file -> the uint8 ``size×size`` array a model sees."""
-    image = open_image(data, max_pixels=max_pixels, draft_size=size)
-    return resize_square(to_grayscale_array(image), size)
+    pixels, _ = decode_grayscale(data, max_pixels=max_pixels, draft_size=size)
+    return resize_square(pixels, size)
 

@@ -44,8 +44,9 @@ from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
 from xray.inference import choose_device, choose_precision
-from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, load_pixels
-from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
+from xray.operating_point import positive_indices
+from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageError, load_pixels
+from xray.serving_model import DEFAULT_MODEL_NAME, read_card, read_spec
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,21 @@ SETTINGS = ServingSettings.from_env()
 BACKEND_ATTEMPTS = 3
 
 
+class OperatingPointAnswer(BaseModel):
+    """The shipped threshold and where this image falls: ``positive`` is ``score >= threshold``."""
+
+    positive_classes: list[str]
+    threshold: float
+    score: float  # P(positive): the summed probability of the positive classes
+    target_sensitivity: float
+
+
 class Prediction(BaseModel):
     label: str
     probabilities: dict[str, float]
     model: str
+    positive: bool | None = None  # at the operating point; null when the model ships none
+    operating_point: OperatingPointAnswer | None = None
 
 
 def json_safe(value: Any) -> Any:
@@ -296,11 +308,14 @@ class XrayClassifier:
         self.spec = read_spec(Path(stored.path))
         self.created = stored.info.creation_time.isoformat()
         self.image_size = self.spec.preprocessing.image_size
+        self.card = read_card(Path(stored.path))
+        point = self.spec.operating_point
+        self.positive = positive_indices(point.positive, self.spec.class_names) if point else ()
         self._decode_limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
 
     @bentoml.api
     async def predict(self, image: Path) -> Prediction:
-        """Classify one radiograph (multipart field ``image``: PNG or JPEG, any mode or bit depth)."""
+        """Classify one radiograph (multipart field ``image``: PNG, JPEG or DICOM, any mode or bit depth)."""
         pixels = await self._pixels(image)
         if isinstance(pixels, JSONResponse):
             return pixels  # type: ignore[return-value]  # an error answer, sent as is
@@ -339,6 +354,8 @@ class XrayClassifier:
             "data_fingerprint": spec.data_fingerprint,
             "weights_sha256": spec.weights_sha256,
             "metrics": json_safe(spec.metrics),
+            "operating_point": json_safe(asdict(spec.operating_point)) if spec.operating_point else None,
+            "model_card": json_safe(self.card),
             "serving": {
                 "precision": choose_precision(choose_device(), SETTINGS.precision),
                 "max_batch_size": SETTINGS.max_batch_size,
@@ -382,6 +399,8 @@ class XrayClassifier:
             )
         except ImageTooLargeError as exc:
             return error_response(413, str(exc))
+        except UnsupportedImageError as exc:
+            return error_response(415, str(exc))
         except Exception as exc:  # noqa: BLE001 - anything the decoder trips over is the input's fault
             logger.info("undecodable upload: %s: %s", type(exc).__name__, exc)
             message = str(exc) if isinstance(exc, ValueError) else f"not a readable image ({type(exc).__name__})"
@@ -389,10 +408,19 @@ class XrayClassifier:
 
     def _prediction(self, probabilities: np.ndarray) -> Prediction:
         names = self.spec.class_names
+        point, answer = self.spec.operating_point, None
+        if point is not None:
+            score = float(np.sum(probabilities[list(self.positive)]))
+            answer = OperatingPointAnswer(
+                positive_classes=list(point.positive), threshold=point.threshold,
+                score=score, target_sensitivity=point.target_sensitivity,
+            )
         return Prediction(
             label=names[int(np.argmax(probabilities))],
             probabilities={name: float(p) for name, p in zip(names, probabilities)},
             model=self.tag,
+            positive=None if answer is None else answer.score >= answer.threshold,
+            operating_point=answer,
         )
 
 

@@ -125,6 +125,7 @@ def _push_to_bentoml(
         data_fingerprint=ingestion.data_fingerprint,
         weights_sha256=sha256_file(checkpoint),
         metrics=metrics,
+        operating_point=evaluation.operating_point,
     )
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
@@ -140,11 +141,14 @@ def _push_to_bentoml(
         "weights_sha256": spec.weights_sha256,
         **summary_metrics,
     }
+    if spec.operating_point is not None:
+        metadata["operating_point"] = to_jsonable(spec.operating_point)
     try:
         with bentoml.models.create(config.push.model_name, labels=labels, metadata=metadata) as model:
             from pathlib import Path
 
-            write_model_dir(Path(model.path), spec, checkpoint)
+            card = run_dir.path / evaluation.model_card_json if evaluation.model_card_json else None
+            write_model_dir(Path(model.path), spec, checkpoint, card)
     except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
         raise XrayError(f"push to BentoML model store failed: {exc}") from exc
     return str(model.tag)
@@ -159,6 +163,8 @@ def _upload_to_s3(config: PipelineConfig, run_dir: RunDir, evaluation: ModelEval
     base = config.push.s3_uri.rstrip("/") + f"/{model_tag.replace(':', '/')}"
     uris = [upload_file(run_dir.path / evaluation.best_checkpoint, f"{base}/weights.pt", settings)]
     uris.append(upload_file(run_dir.path / evaluation.comparison_json, f"{base}/comparison.json", settings))
+    if evaluation.model_card_json:
+        uris.append(upload_file(run_dir.path / evaluation.model_card_json, f"{base}/model_card.json", settings))
     report = run_dir.stage_dir(STAGE) / "report.json"
     report.write_text(json.dumps({"run_id": run_dir.run_id, "model_tag": model_tag}, indent=2))
     uris.append(upload_file(report, f"{base}/report.json", settings))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xray import distributed
+from xray.operating_point import positive_indices
 from xray.components import data_ingestion, data_transformation, model_evaluation, model_trainer
 from xray.config import config_to_dict
 from xray.distributed import DistContext
@@ -192,6 +193,7 @@ def _execute(
     run.start_stage(data_ingestion.STAGE)
     ingestion = data_ingestion.run(config, run, code)
     run.finish_stage(data_ingestion.STAGE, ingestion)
+    positive_indices(config.evaluation.operating_point.positive, ingestion.class_names)  # a typo fails now, not after training
 
     transformation = _cached_or_run(
         run, data_transformation.STAGE, DataTransformationArtifact,
@@ -210,7 +212,7 @@ def _execute(
     evaluation = _cached_or_run(
         run, model_evaluation.STAGE, ModelEvaluationArtifact,
         model_evaluation.stage_fingerprint(config, transformation, trainer, code),
-        lambda: model_evaluation.run(config, run, transformation, trainer, code),
+        lambda: model_evaluation.run(config, run, ingestion, transformation, trainer, code),
     )
     pusher = _push(config, run, ingestion, transformation, evaluation)
     return summarize(evaluation, pusher)
