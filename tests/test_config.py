@@ -38,6 +38,13 @@ def test_overrides_parse_yaml_values() -> None:
         ("transformation.augment.hflip=maybe", "expected true or false"),
         ("trainer.cv_folds=1", "cv_folds"),
         ("trainer.min_steps=-1", "trainer.min_steps must not be negative"),
+        ("ingestion.group_by=person(\\d+)_", "named group 'patient'"),
+        ("ingestion.group_by=[unclosed", "named group 'patient'"),
+        ("evaluation.operating_point.target_sensitivity=1.5", "target_sensitivity must be in (0, 1]"),
+        ("evaluation.operating_point.target_sensitivity=0", "target_sensitivity must be in (0, 1]"),
+        ("evaluation.operating_point.positive=[a, a]", "lists a class twice"),
+        ("evaluation.bootstrap_resamples=10", "bootstrap_resamples must be between 1000"),
+        ("evaluation.subgroup_min_count=0", "subgroup_min_count must be positive"),
         ("trainer.ema_epochs=-0.5", "trainer.ema_epochs must not be negative"),
     ],
 )

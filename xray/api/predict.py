@@ -154,6 +154,6 @@ def make_predictor(bento_url: str | None, model_name: str) -> Predictor:
 
 def check_upload(data: bytes, max_bytes: int) -> None:
     if not data:
-        raise BadUpload("the uploaded file is empty: choose a PNG or JPEG radiograph")
+        raise BadUpload("the uploaded file is empty: choose a PNG, JPEG or DICOM radiograph")
     if len(data) > max_bytes:
         raise BadUpload(f"the upload is larger than the limit of {max_bytes} bytes")
