@@ -7,6 +7,7 @@ need a run of their own (a killed worker, a cancel) start one after it.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import signal
@@ -19,7 +20,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.app_helpers import (
     READ_TOKEN,
@@ -31,6 +34,7 @@ from tests.app_helpers import (
     start_training,
     wait_for_run,
 )
+from tests import dicom_builders as dcm
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -229,6 +233,12 @@ def test_predict_json(server: AppServer, trained: dict) -> None:
             assert bad.json()["detail"]
         text_field = client.post("/predict", data={"image": "not a file"})
         assert text_field.status_code == 400
+        pixels = np.asarray(Image.open(io.BytesIO(png_bytes())).convert("L"))
+        film = client.post("/predict", files={"image": ("film.dcm", dcm.uncompressed(pixels, 12, "MONOCHROME1"), "application/dicom")})
+        assert film.status_code == 200, film.text
+        assert film.json()["probabilities"] == pytest.approx(body["probabilities"], abs=1e-4)  # same film, same answer
+        mpeg = client.post("/predict", files={"image": ("film.dcm", dcm.undecodable(pixels), "application/dicom")})
+        assert mpeg.status_code == 415 and "no decoder installed" in mpeg.json()["detail"]
 
 
 # ---------------------------------------------------------------- failure, cancel and resume

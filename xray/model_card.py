@@ -67,7 +67,7 @@ def build_card(
     limitations = [
         "Trained and tested on one dataset snapshot; performance on other scanners, sites or populations is unknown until measured there.",
         f"Input is reduced to {transformation.image_size}x{transformation.image_size} grayscale; findings smaller than a few pixels at that size cannot be seen.",
-        "Intervals are bootstrap percentiles over test images; with patient grouping off, films of one patient are resampled independently and the intervals are too narrow.",
+        "Intervals are bootstrap percentiles over test images, not patients: where one patient has several test films, they are too narrow.",
     ]
     if synthetic:
         limitations.insert(0, SYNTHETIC_NOTE)

@@ -9,7 +9,6 @@ test, so the reported test sensitivity is an honest estimate of the promise.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_curve
 
 from xray.entity.artifact_entity import OperatingPoint
 from xray.entity.config_entity import OperatingPointConfig
@@ -34,6 +33,8 @@ def positive_score(probs: np.ndarray, indices: tuple[int, ...]) -> np.ndarray:
 
 def choose_threshold(is_positive: np.ndarray, score: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity (``score >= threshold``) reaches ``target``."""
+    from sklearn.metrics import roc_curve  # imported here: the Bento imports this module and needs no sklearn
+
     if is_positive.all() or not is_positive.any():
         raise DataError("the validation split needs both positive and negative images to choose an operating point")
     fpr, tpr, thresholds = roc_curve(is_positive, score, drop_intermediate=False)
@@ -43,6 +44,8 @@ def choose_threshold(is_positive: np.ndarray, score: np.ndarray, target: float) 
 
 def rates_at(is_positive: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float]:
     """(sensitivity, specificity) of ``score >= threshold``; NaN where a side has no images."""
+    from sklearn.metrics import confusion_matrix
+
     tn, fp, fn, tp = confusion_matrix(is_positive, score >= threshold, labels=[False, True]).ravel()
     sensitivity = tp / (tp + fn) if tp + fn else float("nan")
     specificity = tn / (tn + fp) if tn + fp else float("nan")

@@ -166,7 +166,7 @@ def predict_submit(
     try:
         result = run_prediction(request, image)
     except BadUpload as exc:
-        return render(request, "predict.html", {**context, "error": f"That upload cannot be used: {exc}"}, 400)
+        return render(request, "predict.html", {**context, "error": f"That upload cannot be used: {exc}"}, exc.status_code)
     except PredictionUnavailable as exc:
         return render(request, "predict.html", {**context, "error": str(exc)}, 503)
     ranked = sorted(result.probabilities.items(), key=lambda kv: kv[1], reverse=True)

@@ -23,6 +23,14 @@ logger = logging.getLogger(__name__)
 class BadUpload(ValueError):
     """The upload is not an image the model can read: the user's to fix."""
 
+    status_code = 400
+
+
+class UnsupportedUpload(BadUpload):
+    """A format recognised but not decodable here (a DICOM transfer syntax without a decoder)."""
+
+    status_code = 415
+
 
 class PredictionUnavailable(RuntimeError):
     """No model to ask: none in production yet, or the Bento service is down."""
@@ -82,6 +90,8 @@ class BentoPredictor:
             response = client.post(f"{self.url}{route}", files=files)
         except httpx.HTTPError as exc:
             raise PredictionUnavailable(f"the Bento service at {self.url} cannot be reached: {exc}") from None
+        if response.status_code == 415:
+            raise UnsupportedUpload(_error_message(response))
         if 400 <= response.status_code < 500:
             raise BadUpload(_error_message(response))
         if response.status_code >= 300:
@@ -127,13 +137,15 @@ class LocalPredictor:
 
     def predict(self, data: bytes, filename: str, content_type: str | None) -> PredictionResult:
         from xray.explain import gradcam_overlays
-        from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, load_pixels
+        from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, UnsupportedImageError, load_pixels
 
         with self._lock:
             tag, loaded = self._model()
             spec = loaded.spec
             try:
                 pixels = load_pixels(data, spec.preprocessing.image_size, self.max_pixels or DEFAULT_MAX_PIXELS)
+            except UnsupportedImageError as exc:
+                raise UnsupportedUpload(str(exc)) from None
             except ImageDecodeError as exc:
                 raise BadUpload(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))) from None
             probabilities = loaded.predict_proba(pixels[None])[0]

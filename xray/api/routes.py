@@ -255,6 +255,6 @@ def predict(
     try:
         return prediction_out(run_prediction(request, image))
     except BadUpload as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from None
+        raise HTTPException(status_code=exc.status_code, detail=str(exc)) from None
     except PredictionUnavailable as exc:
         raise HTTPException(status_code=503, detail=str(exc)) from None
