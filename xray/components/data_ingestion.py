@@ -76,7 +76,7 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
     else:
         items, class_names, unreadable, median_side = _scan_folder(root)
 
-    items = [replace(i, **dict(zip(("group", "metadata"), grouper.assign(i.ref)))) for i in items]
+    items = _with_groups(items, grouper)
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
     duplicates = _duplicate_groups(items)
@@ -309,6 +309,14 @@ def _check_classes(counts: dict[str, dict[str, int]], class_names: list[str], mi
         missing = [c for c in class_names if counts["train"].get(c, 0) == 0]
         if missing:
             raise DataError(f"{uri}: class {', '.join(missing)} has no training images")
+
+
+def _with_groups(items: list[Item], grouper: Grouper) -> list[Item]:
+    grouped = []
+    for item in items:
+        group, metadata = grouper.assign(item.ref)
+        grouped.append(replace(item, group=group, metadata=metadata))
+    return grouped
 
 
 def _group_leakage(items: list[Item]) -> tuple[GroupLeak, ...]:

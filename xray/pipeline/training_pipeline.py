@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from xray import distributed
-from xray.operating_point import positive_indices
 from xray.components import data_ingestion, data_transformation, model_evaluation, model_trainer
 from xray.config import config_to_dict
 from xray.distributed import DistContext
@@ -40,6 +39,7 @@ from xray.entity.artifact_entity import (
 )
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import XrayError
+from xray.operating_point import positive_indices
 from xray.store import (
     RunDir,
     adopt_cached_stage,
