@@ -250,7 +250,11 @@ class XrayModel:
         from xray.serving_model import load_model_dir
 
         torch.set_num_threads(SETTINGS.threads_per_model_worker())
-        self.loaded = load_model_dir(Path(self.model_ref.path), SETTINGS.precision, tag=str(self.model_ref.tag))
+        # Weights whose sha256 differs from the store's metadata are refused here: the worker does not start.
+        self.loaded = load_model_dir(
+            Path(self.model_ref.path), SETTINGS.precision, tag=str(self.model_ref.tag),
+            metadata_sha256=self.model_ref.info.metadata.get("weights_sha256"),
+        )
         self.image_size = self.loaded.spec.preprocessing.image_size
         # oneDNN builds kernels per input shape: pay for the common batch sizes now, not in the first requests.
         for batch in sorted({1, 2, 4, SETTINGS.max_batch_size}):

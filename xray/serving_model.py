@@ -9,6 +9,7 @@ they cannot disagree on preprocessing.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -22,6 +23,7 @@ from torch import nn
 
 from xray.entity.artifact_entity import OperatingPoint
 from xray.entity.config_entity import DEFAULT_MODEL_NAME
+from xray.errors import XrayError
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
 from xray.models import build_model, load_checkpoint
 from xray.preprocessing import Preprocessing
@@ -44,6 +46,7 @@ class ModelSpec:
     weights_sha256: str
     metrics: dict[str, Any]
     operating_point: OperatingPoint | None = None  # threshold on P(positive) chosen on validation
+    seal_digest: str | None = None  # the run's evidence seal the model was pushed on (``xray runs verify``)
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,35 @@ def read_spec(path: Path) -> ModelSpec:
     return from_mapping(ModelSpec, json.loads((Path(path) / SPEC).read_text()))
 
 
-def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> LoadedModel:
-    """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it)."""
+class ModelIntegrityError(XrayError):
+    """The weights on disk are not the weights that were pushed: serving refuses them."""
+
+
+def check_weights(path: Path, spec: ModelSpec, metadata_sha256: str | None, tag: str = "") -> None:
+    """Refuse weights whose sha256 differs from the model's metadata (and its model.json)."""
+    with open(path / WEIGHTS, "rb") as fh:  # hashlib, not xray.store: the Bento packs only what serving imports
+        actual = hashlib.file_digest(fh, "sha256").hexdigest()
+    name = tag or str(path)
+    if metadata_sha256 is not None and actual != metadata_sha256:
+        raise ModelIntegrityError(
+            f"refusing model {name}: {WEIGHTS} has sha256 {actual[:16]}…, its metadata says {metadata_sha256[:16]}…"
+        )
+    if actual != spec.weights_sha256:
+        raise ModelIntegrityError(
+            f"refusing model {name}: {WEIGHTS} has sha256 {actual[:16]}…, {SPEC} says {spec.weights_sha256[:16]}…"
+        )
+
+
+def load_model_dir(
+    path: Path, precision: str = "fp32", tag: str = "", metadata_sha256: str | None = None
+) -> LoadedModel:
+    """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it).
+
+    ``metadata_sha256``: the weights' sha256 in the store's metadata; the weights must match it.
+    """
     path = Path(path)
     spec = read_spec(path)
+    check_weights(path, spec, metadata_sha256, tag)
     model = build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
     load_checkpoint(model, path / WEIGHTS)
     device = choose_device()
@@ -95,6 +123,14 @@ def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> Loaded
     precision = choose_precision(device, precision)
     inference_model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" and device.type == "cpu" else model
     return LoadedModel(spec, model, inference_model, device, precision, tag)
+
+
+def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
+    """A model from BentoML's store, checked against the weights sha256 in its metadata."""
+    import bentoml
+
+    model = bentoml.models.get(tag)
+    return load_model_dir(Path(model.path), precision, str(model.tag), model.info.metadata.get("weights_sha256"))
 
 
 def production_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> tuple[str, Path] | None:

@@ -39,6 +39,7 @@ from xray.entity.artifact_entity import (
 )
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import XrayError
+from xray.keys import load_signing_key
 from xray.operating_point import positive_indices
 from xray.store import (
     RunDir,
@@ -149,12 +150,15 @@ def _run(
 ) -> RunResult:
     """The run as one process sees it: the single process, or rank 0 of a torchrun job."""
     root = Path(config.artifacts_dir)
+    load_signing_key()  # a missing or unreadable key fails now, not when the finished run is sealed
     run = RunDir.create(root, config_to_dict(config), config.data_uri, run_id=run_id)
     if dist_info is not None:
         run.update(environment={**run.manifest.environment, "distributed": dist_info})
     handler = _attach_run_log(run)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupted) if _in_main_thread() else None
     logger.info("run %s started (data: %s)", run.run_id, config.data_uri)
+    reason: str | None = None
+    summary: dict[str, Any] = {}
     try:
         summary = _execute(config, run, ctx, channel)
     except (XrayError, RunInterrupted, KeyboardInterrupt) as exc:
@@ -163,26 +167,30 @@ def _run(
         if ctx is not None and isinstance(exc, RunInterrupted):
             reason += " (torchrun stops every rank when one of them fails; see the other ranks' output)"
         logger.error("run %s failed: %s", run.run_id, reason)
-        run.finish("failed", reason=reason)
-        if channel is not None:
-            channel.release(f"run failed on rank 0: {reason}", run)
-        return RunResult(run.run_id, run.path, "failed", reason, {})
     except Exception as exc:  # noqa: BLE001 - an unexpected fault still must not leave a live-looking run
         _shield_from_sigterm(previous_term if ctx is not None else None)
         reason = f"internal error: {type(exc).__name__}: {exc}"
         logger.error("run %s failed: %s\n%s", run.run_id, reason, traceback.format_exc())
+    else:
+        logger.info("run %s succeeded", run.run_id)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    # Sealed after run.log is closed, so nothing is written into the run once it is signed;
+    # a SIGTERM arriving during the short seal waits, so no run is left half sealed.
+    if previous_term is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if reason is None:
+            run.finish("succeeded", summary=summary)
+            return RunResult(run.run_id, run.path, "succeeded", None, summary)
         run.finish("failed", reason=reason)
-        if channel is not None:
-            channel.release(f"run failed on rank 0: {reason}", run)
-        return RunResult(run.run_id, run.path, "failed", reason, {})
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    run.finish("succeeded", summary=summary)
-    logger.info("run %s succeeded", run.run_id)
-    return RunResult(run.run_id, run.path, "succeeded", None, summary)
+    if channel is not None:
+        channel.release(f"run failed on rank 0: {reason}", run)
+    return RunResult(run.run_id, run.path, "failed", reason, {})
 
 
 def _execute(
