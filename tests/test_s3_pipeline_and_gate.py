@@ -133,7 +133,8 @@ def test_push_is_atomic_when_the_s3_copy_fails(s3_dataset, tmp_path: Path) -> No
     first = run_cli("train", "--data", "demo", *tiny_args(artifacts, f"push.s3_uri=s3://{TEST_BUCKET}/models"), env=env)
     assert first.returncode == 0, first.stderr
     pusher = load_stage_artifact(artifacts, load_manifest(artifacts, run_id_of(first.stdout)), "model_pusher")
-    assert pusher.pushed and len(pusher.s3_uris) == 3
+    assert pusher.pushed and len(pusher.s3_uris) == 4  # weights, comparison, model card, report
+    assert any(uri.endswith("/model_card.json") for uri in pusher.s3_uris)
     before = {p.name: sha256_file(p) if p.is_file() else None for p in models.iterdir()}
     latest = (models / "latest").read_text()
 
