@@ -7,6 +7,7 @@ need a run of their own (a killed worker, a cancel) start one after it.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import signal
@@ -19,7 +20,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.app_helpers import (
     ADMIN_TOKEN,
@@ -32,6 +35,7 @@ from tests.app_helpers import (
     start_training,
     wait_for_run,
 )
+from tests import dicom_builders as dcm
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -232,6 +236,12 @@ def test_predict_json(server: AppServer, trained: dict) -> None:
             assert bad.json()["detail"]
         text_field = client.post("/predict", data={"image": "not a file"})
         assert text_field.status_code == 400
+        pixels = np.asarray(Image.open(io.BytesIO(png_bytes())).convert("L"))
+        film = client.post("/predict", files={"image": ("film.dcm", dcm.uncompressed(pixels, 12, "MONOCHROME1"), "application/dicom")})
+        assert film.status_code == 200, film.text
+        assert film.json()["probabilities"] == pytest.approx(body["probabilities"], abs=1e-4)  # same film, same answer
+        mpeg = client.post("/predict", files={"image": ("film.dcm", dcm.undecodable(pixels), "application/dicom")})
+        assert mpeg.status_code == 415 and "no decoder installed" in mpeg.json()["detail"]
 
 
 # ---------------------------------------------------------------- failure, cancel and resume
@@ -372,7 +382,10 @@ def test_login_cookie_for_the_pages(server: AppServer, trained: dict) -> None:
         assert login.status_code == 303 and login.headers["location"] == f"/ui/runs/{run_id}"
         cookie = login.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie
-        assert browser.get(f"/ui/runs/{run_id}").status_code == 200
+        page = browser.get(f"/ui/runs/{run_id}")
+        assert page.status_code == 200
+        assert 'id="model-card"' in page.text and "SYNTHETIC demo phantoms" in page.text  # the rendered model card
+        assert "<th>95 % interval</th>" in page.text
         assert browser.get("/runs").status_code == 200  # the cookie works for the API's reads too
         cross = browser.post(f"/ui/runs/{run_id}/cancel", headers={"Origin": "http://evil.example"})
         assert cross.status_code == 403

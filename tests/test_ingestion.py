@@ -79,7 +79,7 @@ def test_missing_and_empty_sources(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no class folders"):
         ingest(tmp_path, tmp_path / "empty")
     (tmp_path / "noimg" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="no PNG or JPEG"):
+    with pytest.raises(DataError, match="no PNG, JPEG or DICOM images"):
         ingest(tmp_path, tmp_path / "noimg")
 
 

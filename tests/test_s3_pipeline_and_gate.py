@@ -13,7 +13,8 @@ from xray.sources.s3 import S3Settings, upload_dir
 from xray.store import load_manifest, load_stage_artifact, sha256_file
 
 from .conftest import run_cli, tiny_args
-from .data_builders import class_folder
+from . import dicom_builders as dcm
+from .data_builders import class_folder, pattern
 from .test_pipeline import run_id_of
 
 pytestmark = [requires_weed, pytest.mark.timeout(600)]
@@ -21,8 +22,11 @@ pytestmark = [requires_weed, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def s3_dataset(seaweed_server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:  # noqa: F811
-    """An easily learnable two-class folder uploaded to the test bucket; returns (uri, env)."""
+    """An easily learnable two-class folder (PNG + DICOM films) uploaded to the test bucket; returns (uri, env)."""
     local = class_folder(tmp_path_factory.mktemp("upload") / "data", {"normal": 24, "pneumonia": 24})
+    for c, name in enumerate(("normal", "pneumonia")):
+        for i in range(4):
+            dcm.write(local / name / f"{name}_film{i}.dcm", dcm.uncompressed(pattern(c, 100 + i), 12, "MONOCHROME1"))
     env = {
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -38,7 +42,7 @@ def s3_dataset(seaweed_server, tmp_path_factory: pytest.TempPathFactory) -> tupl
     finally:
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    assert count == 48
+    assert count == 56
     return f"s3://{TEST_BUCKET}/bands", env
 
 
@@ -57,7 +61,8 @@ def test_s3_training_records_objects_pushes_and_gates(s3_dataset, tmp_path: Path
     assert first.returncode == 0, first.stderr
     manifest = load_manifest(artifacts, first_id)
     ingestion = load_stage_artifact(artifacts, manifest, "data_ingestion")
-    assert ingestion.source_kind == "s3" and len(ingestion.s3_objects) == 48
+    assert ingestion.source_kind == "s3" and len(ingestion.s3_objects) == 56
+    assert ingestion.dicom_images == 8 and ingestion.num_images == 56
     assert all(len(o.sha256) == 64 and o.etag and o.size > 0 for o in ingestion.s3_objects)
     pusher = load_stage_artifact(artifacts, manifest, "model_pusher")
     assert pusher.pushed and pusher.model_tag.startswith("xray-classifier:")
@@ -65,6 +70,8 @@ def test_s3_training_records_objects_pushes_and_gates(s3_dataset, tmp_path: Path
     stored = tmp_path / "bentoml" / "models" / "xray-classifier" / pusher.model_tag.split(":")[1]
     spec = json.loads((stored / "model.json").read_text())
     assert sha256_file(stored / "weights.pt") == spec["weights_sha256"]  # the checkpoint, byte for byte
+    card = json.loads((stored / "model_card.json").read_text())  # the model card travels with the model
+    assert card["model_parameters"]["data"][0]["dicom_images"] == 8
     assert spec["weights_sha256"] == sha256_file(artifacts / first_id / "model_trainer" / f"{spec['architecture']}.pt")
     assert run_cli("runs", "--artifacts", str(artifacts), "verify", first_id).returncode == 0
 
@@ -126,7 +133,8 @@ def test_push_is_atomic_when_the_s3_copy_fails(s3_dataset, tmp_path: Path) -> No
     first = run_cli("train", "--data", "demo", *tiny_args(artifacts, f"push.s3_uri=s3://{TEST_BUCKET}/models"), env=env)
     assert first.returncode == 0, first.stderr
     pusher = load_stage_artifact(artifacts, load_manifest(artifacts, run_id_of(first.stdout)), "model_pusher")
-    assert pusher.pushed and len(pusher.s3_uris) == 3
+    assert pusher.pushed and len(pusher.s3_uris) == 4  # weights, comparison, model card, report
+    assert any(uri.endswith("/model_card.json") for uri in pusher.s3_uris)
     before = {p.name: sha256_file(p) if p.is_file() else None for p in models.iterdir()}
     latest = (models / "latest").read_text()
 

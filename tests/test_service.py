@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import dicom_builders as dcm
 from tests.conftest import run_cli, tiny_args
 from tests.serving_fixtures import (
     BentoServer,
@@ -34,6 +35,7 @@ from tests.serving_fixtures import (
 MAX_UPLOAD_BYTES = 2_000_000
 MAX_PIXELS = 4_000_000
 CONCURRENT = 32
+POSITIVE = ("covid", "pneumonia")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,10 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A tiny run pushed into its own BentoML home: (root, model tag)."""
     root = tmp_path_factory.mktemp("serving")
     home = root / "bentoml"
-    trained = run_cli("train", *tiny_args(root / "artifacts"), env={"BENTOML_HOME": str(home)})
+    trained = run_cli(
+        "train", *tiny_args(root / "artifacts", f"evaluation.operating_point.positive=[{','.join(POSITIVE)}]"),
+        env={"BENTOML_HOME": str(home)},
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     return root, "xray-classifier:" + (home / "models" / "xray-classifier" / "latest").read_text().strip()
 
@@ -245,6 +250,64 @@ def test_serve_tokens_guard_the_model_routes(pushed: tuple[Path, str], tmp_path:
             assert anonymous.get("/readyz").status_code == 200
     finally:
         stop_process_group(server.process)
+
+
+DICOMS = {
+    "16bit_monochrome2": lambda p: dcm.uncompressed(p, 16),
+    "12bit_monochrome1_windowed": lambda p: dcm.uncompressed(p, 12, "MONOCHROME1", window=True),
+    "12bit_jpeg2000_lossless": lambda p: dcm.jpeg2000_lossless(p, 12),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DICOMS))
+def test_dicom_gets_the_same_prediction_as_the_png_it_was_made_from(kind: str, client: httpx.Client) -> None:
+    for seed in range(3):
+        pixels = radiograph(seed=seed)
+        from_png = post_image(client, encode(Image.fromarray(pixels)))
+        from_dicom = client.post("/predict", files={"image": ("film.dcm", DICOMS[kind](pixels), "application/dicom")})
+        assert from_png.status_code == 200 and from_dicom.status_code == 200, from_dicom.text
+        png, dicom = from_png.json(), from_dicom.json()
+        assert dicom["label"] == png["label"] and dicom["positive"] == png["positive"]
+        for name, p in png["probabilities"].items():
+            assert dicom["probabilities"][name] == pytest.approx(p, abs=1e-5)
+
+
+def test_dicom_explain_and_compressed_jpeg_dicom(client: httpx.Client, metadata: dict) -> None:
+    payload = dcm.jpeg_baseline(radiograph())
+    assert_prediction(client.post("/predict", files={"image": ("film.dcm", payload)}), metadata, metadata["model"])
+    overlay = client.post("/explain", files={"image": ("film.dcm", payload)})
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize("route", ["/predict", "/explain"])
+def test_undecodable_dicom_is_415_with_the_reason(route: str, client: httpx.Client) -> None:
+    response = client.post(route, files={"image": ("film.dcm", dcm.undecodable(radiograph()))})
+    assert response.status_code == 415, response.text
+    assert "no decoder installed for DICOM transfer syntax 1.2.840.10008.1.2.4.100" in response.json()["error"]
+
+
+def test_predict_returns_the_operating_point(client: httpx.Client, metadata: dict) -> None:
+    point = metadata["operating_point"]
+    assert point["positive"] == list(POSITIVE) and 0 <= point["threshold"] <= 1
+    for seed in range(6):
+        body = post_image(client, encode(Image.fromarray(radiograph(seed=seed)))).json()
+        answer = body["operating_point"]
+        assert answer["positive_classes"] == list(POSITIVE) and answer["threshold"] == point["threshold"]
+        assert answer["target_sensitivity"] == point["target_sensitivity"] == 0.95
+        assert answer["score"] == pytest.approx(sum(body["probabilities"][c] for c in POSITIVE), abs=1e-5)
+        assert body["positive"] == (answer["score"] >= answer["threshold"])
+
+
+def test_metadata_serves_the_model_card(metadata: dict) -> None:
+    card = metadata["model_card"]
+    assert set(card) >= {"model_details", "model_parameters", "quantitative_analysis", "considerations"}
+    assert card["model_details"]["version"]["name"] == metadata["run_id"]
+    data = card["model_parameters"]["data"][0]
+    assert data["synthetic"] is True and data["fingerprint"] == metadata["data_fingerprint"]
+    assert any("SYNTHETIC" in x["description"] for x in card["considerations"]["limitations"])
+    assert card["quantitative_analysis"]["operating_point"]["threshold"] == metadata["operating_point"]["threshold"]
+    kinds = {m["type"] for m in card["quantitative_analysis"]["performance_metrics"]}
+    assert kinds == {"accuracy", "roc_auc", "sensitivity", "specificity"}
 
 
 def test_explain_returns_a_png_overlay(client: httpx.Client, metadata: dict) -> None:

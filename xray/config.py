@@ -14,6 +14,7 @@ import yaml
 
 from xray.entity.config_entity import CANDIDATES, PipelineConfig
 from xray.errors import ConfigError
+from xray.grouping import patient_pattern
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 DEFAULT_CONFIG_PATH = Path("config/pipeline.yaml")
@@ -56,6 +57,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "trainer.cv_folds": (0, 100),
     "evaluation.gradcam_per_class": (0, 100),
     "evaluation.calibration_bins": (1, 1000),
+    "evaluation.bootstrap_resamples": (1000, 100_000),  # fewer resamples give intervals too rough to report
+    "evaluation.bootstrap_seed": (0, 2**32 - 1),
+    "evaluation.subgroup_min_count": (1, 1_000_000),
     "gate.min_roc_auc": (0, 1),
     "gate.min_accuracy": (0, 1),
     "gate.min_class_recall": (0, 1),
@@ -141,6 +145,22 @@ def validate(config: PipelineConfig) -> None:
         raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")
     if trainer.cv_folds == 1 or trainer.cv_folds < 0:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
+    _validate_clinical(config)
+
+
+def _validate_clinical(config: PipelineConfig) -> None:
+    """Patient grouping, operating point, bootstrap: class names are checked later, once the data are known."""
+    ingestion, evaluation = config.ingestion, config.evaluation
+    if ingestion.group_by and not ingestion.metadata_csv and patient_pattern(ingestion.group_by) is None:
+        raise ConfigError(
+            f"config: ingestion.group_by {ingestion.group_by!r} must be a regex with a named group 'patient' "
+            "(e.g. 'person(?P<patient>\\d+)_'), or a column of ingestion.metadata_csv"
+        )
+    point = evaluation.operating_point
+    if not 0 < point.target_sensitivity <= 1:
+        raise ConfigError(f"config: evaluation.operating_point.target_sensitivity must be in (0, 1], got {point.target_sensitivity}")
+    if len(set(point.positive)) != len(point.positive):
+        raise ConfigError("config: evaluation.operating_point.positive lists a class twice")
 
 
 def check_ranges(flat: dict[str, Any]) -> None:

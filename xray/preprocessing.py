@@ -16,15 +16,18 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from xray.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom
+
 # The only decoders an image ever reaches (Pillow format name -> file suffixes): every other Pillow
-# plugin stays unreachable from data and uploads (EPS, for one, would run Ghostscript). DICOM joins here.
+# plugin stays unreachable from data and uploads (EPS, for one, would run Ghostscript). DICOM is
+# recognised by its DICM marker and decoded by pydicom (xray/dicom.py), never by Pillow.
 IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "PNG": (".png",),
     "JPEG": (".jpg", ".jpeg"),
     "TIFF": (".tif", ".tiff"),
 }
-IMAGE_SUFFIXES = tuple(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes)
-ACCEPTED = ", ".join(IMAGE_FORMATS)
+IMAGE_SUFFIXES = (*(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes), *DICOM_SUFFIXES)
+ACCEPTED = ", ".join([*IMAGE_FORMATS, "DICOM"])
 DEFAULT_MAX_PIXELS = 50_000_000  # far above any radiograph, far below a decompression bomb
 
 
@@ -37,7 +40,7 @@ class ImageTooLargeError(ImageDecodeError):
 
 
 class UnsupportedImageFormat(ImageDecodeError):
-    """An image, but in a format outside ``IMAGE_FORMATS`` (HTTP 415)."""
+    """An image in a format outside ``IMAGE_FORMATS``, or a DICOM transfer syntax with no decoder here (HTTP 415)."""
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -157,8 +160,29 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
 
 
+def decode_grayscale(
+    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> tuple[np.ndarray, DicomInfo | None]:
+    """The one decode function: bytes or a file (PNG, JPEG or DICOM) -> uint8 ``H×W`` at stored size.
+
+    DICOM is recognised by its ``DICM`` marker, not its name, so an upload
+    without a ``.dcm`` filename decodes the same way as the ingested file.
+    """
+    if is_dicom(data):
+        try:
+            return read_dicom(data, max_pixels)
+        except ImageDecodeError:
+            raise
+        except DicomUnsupportedError as exc:
+            raise UnsupportedImageFormat(str(exc)) from None
+        except ValueError as exc:
+            raise ImageDecodeError(str(exc)) from None
+    image = open_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    return to_grayscale_array(image), None
+
+
 def load_pixels(data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes or a file -> the uint8 ``size×size`` array a model sees."""
-    image = open_image(data, max_pixels=max_pixels, draft_size=size)
-    return resize_square(to_grayscale_array(image), size)
+    pixels, _ = decode_grayscale(data, max_pixels=max_pixels, draft_size=size)
+    return resize_square(pixels, size)
 

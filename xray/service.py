@@ -48,9 +48,10 @@ from starlette.responses import JSONResponse
 
 from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
 from xray.inference import choose_device, choose_precision
+from xray.operating_point import positive_indices
 from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageFormat, load_pixels
 from xray.registry import production_tag
-from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
+from xray.serving_model import DEFAULT_MODEL_NAME, read_card, read_spec
 from xray.tokens import matches_any
 
 logger = logging.getLogger(__name__)
@@ -118,10 +119,21 @@ BACKEND_ATTEMPTS = 3
 DROPPED_CONNECTION_MESSAGES = ("Session is closed", "Connection closed")
 
 
+class OperatingPointAnswer(BaseModel):
+    """The shipped threshold and where this image falls: ``positive`` is ``score >= threshold``."""
+
+    positive_classes: list[str]
+    threshold: float
+    score: float  # P(positive): the summed probability of the positive classes
+    target_sensitivity: float
+
+
 class Prediction(BaseModel):
     label: str
     probabilities: dict[str, float]
     model: str
+    positive: bool | None = None  # at the operating point; null when the model ships none
+    operating_point: OperatingPointAnswer | None = None
 
 
 def json_safe(value: Any) -> Any:
@@ -343,11 +355,14 @@ class XrayClassifier:
         self.spec = read_spec(Path(stored.path))
         self.created = stored.info.creation_time.isoformat()
         self.image_size = self.spec.preprocessing.image_size
+        self.card = read_card(Path(stored.path))
+        point = self.spec.operating_point
+        self.positive = positive_indices(point.positive, self.spec.class_names) if point else ()
         self._decode_limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
 
     @bentoml.api
     async def predict(self, image: Path) -> Prediction:
-        """Classify one radiograph (multipart field ``image``: PNG or JPEG, any mode or bit depth)."""
+        """Classify one radiograph (multipart field ``image``: PNG, JPEG or DICOM, any mode or bit depth)."""
         pixels = await self._pixels(image)
         if isinstance(pixels, JSONResponse):
             return pixels  # type: ignore[return-value]  # an error answer, sent as is
@@ -386,6 +401,8 @@ class XrayClassifier:
             "data_fingerprint": spec.data_fingerprint,
             "weights_sha256": spec.weights_sha256,
             "metrics": json_safe(spec.metrics),
+            "operating_point": json_safe(asdict(spec.operating_point)) if spec.operating_point else None,
+            "model_card": json_safe(self.card),
             "serving": {
                 "precision": choose_precision(choose_device(), SETTINGS.precision),
                 "max_batch_size": SETTINGS.max_batch_size,
@@ -442,10 +459,19 @@ class XrayClassifier:
 
     def _prediction(self, probabilities: np.ndarray) -> Prediction:
         names = self.spec.class_names
+        point, answer = self.spec.operating_point, None
+        if point is not None:
+            score = float(np.sum(probabilities[list(self.positive)]))
+            answer = OperatingPointAnswer(
+                positive_classes=list(point.positive), threshold=point.threshold,
+                score=score, target_sensitivity=point.target_sensitivity,
+            )
         return Prediction(
             label=names[int(np.argmax(probabilities))],
             probabilities={name: float(p) for name, p in zip(names, probabilities)},
             model=self.tag,
+            positive=None if answer is None else answer.score >= answer.threshold,
+            operating_point=answer,
         )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xray.entity.artifact_entity import OperatingPoint
 from xray.entity.config_entity import DEFAULT_MODEL_NAME
 from xray.errors import XrayError
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 SPEC = "model.json"
+CARD = "model_card.json"  # the run's model card, copied in so it travels with the weights
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ModelSpec:
     data_fingerprint: str
     weights_sha256: str
     metrics: dict[str, Any]
+    operating_point: OperatingPoint | None = None  # threshold on P(positive) chosen on validation
     seal_digest: str | None = None  # the run's evidence seal the model was pushed on (``xray runs verify``)
 
 
@@ -66,10 +69,18 @@ class LoadedModel:
         )
 
 
-def write_model_dir(path: Path, spec: ModelSpec, checkpoint: Path) -> None:
+def write_model_dir(path: Path, spec: ModelSpec, checkpoint: Path, card: Path | None = None) -> None:
     """Copy the checkpoint byte for byte, so ``weights.pt`` matches ``spec.weights_sha256``."""
     shutil.copyfile(checkpoint, path / WEIGHTS)
     (path / SPEC).write_text(json.dumps(to_jsonable(spec), indent=2) + "\n")
+    if card is not None:
+        shutil.copyfile(card, path / CARD)
+
+
+def read_card(path: Path) -> dict[str, Any] | None:
+    """The model card pushed with the model; None for models pushed before cards existed."""
+    file = Path(path) / CARD
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def read_spec(path: Path) -> ModelSpec:

@@ -15,6 +15,8 @@ import yaml
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markdown_it import MarkdownIt
+from markupsafe import Markup
 
 from xray.api.auth import (
     COOKIE_NAME,
@@ -111,6 +113,11 @@ def runs_page(request: Request, principal: Annotated[Principal, Depends(page_rea
     return render(request, "runs.html", {"principal": principal, "runs": runs, "refresh": active})
 
 
+def markdown_html(text: str) -> Markup:
+    """CommonMark with tables; raw HTML in the source (a CSV value, say) is escaped, not rendered."""
+    return Markup(MarkdownIt("commonmark", {"html": False}).enable("table").render(text))
+
+
 @router.get("/ui/runs/{run_id}", response_class=HTMLResponse)
 def run_page(
     request: Request, run_id: str, principal: Annotated[Principal, Depends(page_reader)], verify_files: int = 0
@@ -119,7 +126,9 @@ def run_page(
     view = load_view(jobs(request).root, manifest)
     verification = verify(request, manifest.run_id) if verify_files else None
     evaluation = view.artifacts.get("model_evaluation")
+    card_file = jobs(request).root / manifest.run_id / evaluation.model_card_markdown if evaluation else None
     context = {
+        "model_card": markdown_html(card_file.read_text()) if card_file and card_file.is_file() and card_file.suffix == ".md" else None,
         "principal": principal,
         "run": view.detail,
         "manifest": manifest,

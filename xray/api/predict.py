@@ -27,6 +27,8 @@ class BadUpload(ValueError):
         super().__init__(message)
         self.status_code = status_code
 
+    status_code = 400
+
 
 class PredictionUnavailable(RuntimeError):
     """No model to ask: none in production yet, or the Bento service is down."""
@@ -138,13 +140,12 @@ class LocalPredictor:
             ImageDecodeError,
             ImageTooLargeError,
             UnsupportedImageFormat,
-            open_image,
+            decode_grayscale,
             resize_square,
-            to_grayscale_array,
         )
 
         try:  # the upload is judged before any model is needed: a bad one is the caller's 4xx either way
-            grey = to_grayscale_array(open_image(data, self.max_pixels or DEFAULT_MAX_PIXELS))
+            grey, _ = decode_grayscale(data, self.max_pixels or DEFAULT_MAX_PIXELS)
         except ImageDecodeError as exc:
             status = 400
             if isinstance(exc, (UnsupportedImageFormat, ImageTooLargeError)):
@@ -174,6 +175,6 @@ def make_predictor(bento_url: str | None, model_name: str) -> Predictor:
 
 def check_upload(data: bytes, max_bytes: int) -> None:
     if not data:
-        raise BadUpload("the uploaded file is empty: choose a PNG or JPEG radiograph")
+        raise BadUpload("the uploaded file is empty: choose a PNG, JPEG or DICOM radiograph")
     if len(data) > max_bytes:
         raise BadUpload(f"the upload is larger than the limit of {max_bytes} bytes", 413)

@@ -312,7 +312,7 @@ def prediction_out(result: PredictionResult) -> PredictionOut:
 def run_prediction(request: Request, image: UploadFile | None) -> PredictionResult:
     """BadUpload / PredictionUnavailable for everything the caller or the setup can fix."""
     if image is None or not isinstance(image, ReceivedFile):
-        raise BadUpload("no image: send a PNG or JPEG as the multipart file field 'image'")
+        raise BadUpload("no image: send a PNG, JPEG or DICOM file as the multipart file field 'image'")
     limit = request.app.state.settings.max_upload_bytes
     data = image.file.read(limit + 1)
     check_upload(data, limit)
@@ -335,7 +335,7 @@ def run_prediction(request: Request, image: UploadFile | None) -> PredictionResu
 def predict(
     request: Request,
     _: Annotated[Principal, Depends(require_read)],
-    image: Annotated[UploadFile | None, File(description="PNG or JPEG radiograph")] = None,
+    image: Annotated[UploadFile | None, File(description="PNG, JPEG or DICOM radiograph")] = None,
 ) -> PredictionOut:
     try:
         return prediction_out(run_prediction(request, image))

@@ -16,16 +16,17 @@ import shutil
 import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, SourceObject, UnreadableFile
+from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, SourceObject, UnreadableFile
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
-from xray.preprocessing import IMAGE_SUFFIXES, ImageDecodeError, open_image
+from xray.grouping import Grouper
+from xray.preprocessing import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageDecodeError, decode_grayscale, open_image
 from xray.store import RunDir, fingerprint, new_header, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,14 @@ class Item:
     label: str
     ref: str  # path relative to the dataset root, or "split:index" inside an .npz
     sha256: str
+    group: str | None = None  # the patient (ingestion.group_by); None: the image is its own group
+    metadata: dict[str, str] = field(default_factory=dict)  # the metadata CSV's other columns (sex, view, site…)
+    dicom: dict[str, str | int] | None = None  # DICOM attributes that decided the pixels (modality, window…)
 
 
 def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArtifact:
     uri = config.data_uri.strip()
+    grouper = Grouper.from_config(config.ingestion.group_by, config.ingestion.metadata_csv)
     out = run_dir.stage_dir(STAGE)
     s3_objects: tuple[SourceObject, ...] = ()
     if uri == "demo":
@@ -75,15 +80,24 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
     else:
         items, class_names, unreadable, median_side = _scan_folder(root)
 
+    items = _with_groups(items, grouper)
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
     duplicates = _duplicate_groups(items)
     leakage = tuple(g for g in duplicates if len(set(g.splits)) > 1)
+    group_leakage = _group_leakage(items)
+    problems = []
     if leakage:
-        message = (
+        problems.append(
             f"{len(leakage)} image(s) appear in more than one split (exact duplicates), e.g. "
             f"{', '.join(leakage[0].items[:2])}"
         )
+    if group_leakage:
+        problems.append(
+            f"{len(group_leakage)} patient(s) have films in more than one source split, e.g. "
+            f"{group_leakage[0].group} in {', '.join(group_leakage[0].splits)}"
+        )
+    for message in problems:
         if config.ingestion.leakage == "fail":
             raise DataError(f"leakage: {message} (set ingestion.leakage=warn to continue)")
         logger.warning("leakage: %s", message)
@@ -93,11 +107,18 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
     index_file = out / "items.jsonl"
     with open(index_file, "w") as fh:
         for item in items:
-            fh.write(json.dumps({"split": item.split, "label": item.label, "ref": item.ref, "sha256": item.sha256}) + "\n")
+            fh.write(json.dumps(asdict(item)) + "\n")
     data_fp = hashlib.sha256(
         "\n".join(sorted(f"{i.split}\t{i.label}\t{i.sha256}" for i in items)).encode()
     ).hexdigest()
-    params = {"leakage": config.ingestion.leakage, "min": config.ingestion.min_images_per_class, "names": class_names}
+    params = {
+        "leakage": config.ingestion.leakage,
+        "min": config.ingestion.min_images_per_class,
+        "names": class_names,
+        "groups": hashlib.sha256(
+            "\n".join(f"{i.ref}\t{i.group}\t{sorted(i.metadata.items())}" for i in items).encode()
+        ).hexdigest(),
+    }
     fp = fingerprint(STAGE, params, [data_fp], code)
     files = [index_file]
     if kind in ("demo", "s3"):
@@ -123,6 +144,11 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
         duplicates=duplicates,
         leakage=leakage,
         s3_objects=s3_objects,
+        grouping=grouper.describe(),
+        num_groups=len({i.group or i.sha256 for i in items}),
+        group_leakage=group_leakage,
+        metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
+        dicom_images=sum(1 for i in items if i.dicom is not None),
     )
 
 
@@ -154,19 +180,25 @@ def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile
                 if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
                     candidates.append((split, class_dir.name, path))
     if not candidates:
-        raise DataError(f"{root} holds no PNG or JPEG images")
+        raise DataError(f"{root} holds no PNG, JPEG or DICOM images")
 
     sides: dict[str, int] = {}
 
     def check(entry: tuple[str, str, Path]) -> Item | UnreadableFile:
         split, label, path = entry
         ref = path.relative_to(root).as_posix()
+        dicom = None
         try:
-            image = open_image(path, draft_size=64, keep_size=True)
+            if path.suffix.lower() in DICOM_SUFFIXES:  # decoded in full: a syntax without a decoder shows here
+                pixels, info = decode_grayscale(path)
+                sides[ref] = min(pixels.shape)
+                dicom = asdict(info) if info is not None else None
+            else:
+                image = open_image(path, draft_size=64, keep_size=True)
+                sides[ref] = min(image.info["xray_original_size"])
         except ImageDecodeError as exc:
             return UnreadableFile(path=ref, reason=str(exc))
-        sides[ref] = min(image.info["xray_original_size"])
-        return Item(split=split, label=label, ref=ref, sha256=sha256_file(path))
+        return Item(split=split, label=label, ref=ref, sha256=sha256_file(path), dicom=dicom)
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         results = list(tqdm(pool.map(check, candidates), total=len(candidates), desc="validate", unit="img", leave=False, disable=None))
@@ -280,6 +312,23 @@ def _check_classes(counts: dict[str, dict[str, int]], class_names: list[str], mi
         missing = [c for c in class_names if counts["train"].get(c, 0) == 0]
         if missing:
             raise DataError(f"{uri}: class {', '.join(missing)} has no training images")
+
+
+def _with_groups(items: list[Item], grouper: Grouper) -> list[Item]:
+    grouped = []
+    for item in items:
+        group, metadata = grouper.assign(item.ref)
+        grouped.append(replace(item, group=group, metadata=metadata))
+    return grouped
+
+
+def _group_leakage(items: list[Item]) -> tuple[GroupLeak, ...]:
+    """Patients whose films sit in more than one split the source defines."""
+    splits: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        if item.group is not None and item.split != "all":
+            splits[item.group].add(item.split)
+    return tuple(GroupLeak(group=g, splits=tuple(sorted(s))) for g, s in sorted(splits.items()) if len(s) > 1)
 
 
 def _duplicate_groups(items: list[Item]) -> tuple[DuplicateGroup, ...]:

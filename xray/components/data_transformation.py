@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from tqdm import tqdm
 
 from xray.components.data_ingestion import Item, dataset_root, load_npz_split, read_items
@@ -43,6 +43,9 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
     size = resolve_image_size(cfg.image_size, ingestion.median_image_side)
     items = read_items(run_dir.path, ingestion)
     splits, strategy = assign_splits(items, ingestion.splits_given, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    grouped = any(i.group is not None for i in items)
+    if grouped:
+        strategy += ", grouped by patient (StratifiedGroupKFold)"
     class_index = {name: i for i, name in enumerate(ingestion.class_names)}
     out = run_dir.stage_dir(STAGE)
     root = dataset_root(run_dir.path, ingestion)
@@ -64,7 +67,10 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
             files += [out / f"{split}_x.npy", out / f"{split}_y.npy"]
             counts[split] = dict(sorted(Counter(i.label for i in chosen).items()))
             for row, item in enumerate(chosen):
-                index.write(json.dumps({"split": split, "row": row, "label": item.label, "ref": item.ref, "sha256": item.sha256}) + "\n")
+                index.write(json.dumps({
+                    "split": split, "row": row, "label": item.label, "ref": item.ref, "sha256": item.sha256,
+                    "group": item.group, "metadata": item.metadata,
+                }) + "\n")
             if split == "train":
                 train_pixels = pixels
     files.append(out / "splits.jsonl")
@@ -88,6 +94,7 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
         arrays=arrays,
         normalization=normalization,
         augmentation=to_jsonable(cfg.augment),
+        grouped_by="patient" if grouped else "image",
     )
 
 
@@ -124,7 +131,9 @@ def assign_splits(
 
 
 def _stratified_groups(pool: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """Split ``pool`` so identical images (same sha256) land on the same side."""
+    """Split ``pool`` so identical images (same sha256), and one patient's films, land on the same side."""
+    if any(i.group is not None for i in pool):
+        return _patient_split(pool, fraction, seed)
     groups: dict[str, list[Item]] = {}
     for item in pool:
         groups.setdefault(item.sha256, []).append(item)
@@ -138,6 +147,35 @@ def _stratified_groups(pool: list[Item], fraction: float, seed: int) -> tuple[li
         raise DataError(f"cannot split {len(pool)} images into train/val/test: {exc}") from None
     flatten = lambda ks: [i for k in sorted(ks) for i in groups[k]]  # noqa: E731
     return flatten(keep), flatten(take)
+
+
+def _patient_split(pool: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Grouped stratification: one fold of scikit-learn's StratifiedGroupKFold (about ``fraction`` of the pool)
+    is taken out, so class balance is kept as far as whole patients allow and no patient is cut in two."""
+    groups = _connected_groups(pool)
+    labels = [i.label for i in pool]
+    folds = max(2, round(1 / fraction))
+    if len(set(groups)) < folds:
+        raise DataError(f"cannot split {len(set(groups))} patient group(s) into train/val/test: too few patients")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    keep, take = next(splitter.split(np.zeros(len(pool)), labels, groups))
+    return [pool[k] for k in keep], [pool[t] for t in take]
+
+
+def _connected_groups(pool: list[Item]) -> list[int]:
+    """Patient id per image, merging patients that share an identical image (so duplicates stay together too)."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for item in pool:
+        parent[root(f"h:{item.sha256}")] = root(f"g:{item.group or item.sha256}")
+    ids: dict[str, int] = {}
+    return [ids.setdefault(root(f"g:{i.group or i.sha256}"), len(ids)) for i in pool]
 
 
 def _file_decoder(root: Path, size: int):
@@ -195,7 +233,7 @@ def split_pixels(
     index_path = run_path / Path(transformation.arrays[f"{split}_x"]).parent / "splits.jsonl"
     with open(index_path) as fh:
         rows = [json.loads(line) for line in fh]
-    items = [Item(split=r["split"], label=r["label"], ref=r["ref"], sha256=r["sha256"]) for r in rows if r["split"] == split]
+    items = [Item(**{k: v for k, v in r.items() if k != "row"}) for r in rows if r["split"] == split]
     root = dataset_root(run_path, ingestion)
     decode = _npz_decoder(root, size) if ingestion.source_kind == "npz" else _file_decoder(root, size)
     return decode(items, split), labels

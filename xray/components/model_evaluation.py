@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from xray import plots
+from xray import model_card, plots
+from xray.bootstrap import bootstrap_intervals, subgroup_metrics
 from xray.components.model_trainer import preprocessing_of
 from xray.entity.artifact_entity import (
     CandidateEvaluation,
+    DataIngestionArtifact,
     DataTransformationArtifact,
     ModelEvaluationArtifact,
     ModelTrainerArtifact,
@@ -27,6 +29,7 @@ from xray.explain import gradcam_overlays
 from xray.inference import choose_device, prepare_model, predict_proba
 from xray.metrics import compute_metrics
 from xray.models import build_model, load_checkpoint
+from xray.operating_point import operating_point, positive_indices
 from xray.store import RunDir, fingerprint, new_header
 from xray.typed import to_jsonable
 
@@ -45,6 +48,7 @@ def stage_fingerprint(
 def run(
     config: PipelineConfig,
     run_dir: RunDir,
+    ingestion: DataIngestionArtifact,
     transformation: DataTransformationArtifact,
     trainer: ModelTrainerArtifact,
     code: str,
@@ -56,7 +60,7 @@ def run(
     arrays = {k: np.load(run_dir.path / v) for k, v in transformation.arrays.items() if not k.startswith("train")}
     device = choose_device()
 
-    evaluations, test_probs, models, files = [], {}, {}, []
+    evaluations, test_probs, val_probs, models, files = [], {}, {}, {}, []
     for candidate in trainer.candidates:
         model = load_checkpoint(build_model(candidate.name, len(classes)), run_dir.path / candidate.checkpoint)
         model = prepare_model(model, device)
@@ -64,8 +68,7 @@ def run(
         for split in ("val", "test"):
             probs = predict_proba(model, arrays[f"{split}_x"], preprocessing, device)
             scores[split] = compute_metrics(arrays[f"{split}_y"], probs, classes, cfg.calibration_bins)
-            if split == "test":
-                test_probs[candidate.name] = probs
+            (test_probs if split == "test" else val_probs)[candidate.name] = probs
         cm_path = plots.confusion_matrix_png(
             np.array(scores["test"].confusion_matrix), classes, f"{candidate.name}: test", out / f"confusion_{candidate.name}.png"
         )
@@ -98,6 +101,13 @@ def run(
     if cv_stats:
         fold_values = {c.name: tuple(getattr(f, cfg.selection_metric) for f in c.cv_fold_metrics) for c in trainer.candidates}
         report_plots["cv_folds"] = plots.folds_png(fold_values, cfg.selection_metric, out / "cv_folds.png")
+    clinical = _clinical_evidence(config, run_dir, ingestion, transformation, arrays, val_probs[best.name], test_probs[best.name])
+    card = model_card.build_card(
+        run_dir.run_id, best.name, ingestion, transformation, clinical["intervals"], clinical["bootstrap"],
+        clinical["operating_point"], clinical["subgroups"], f"{basis.replace('_', '-')} {cfg.selection_metric}",
+    )
+    card_json, card_md = model_card.write_card(card, out)
+    files += [card_json, card_md]
     table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out, cv_stats)
     files += [p for k, p in report_plots.items() if k != "confusion_matrix"] + [table_md, table_json]
     logger.info("best candidate by %s %s: %s", basis.replace("_", "-"), cfg.selection_metric, best.name)
@@ -116,7 +126,49 @@ def run(
         gradcam=(run_dir.relative(gradcam),) if gradcam is not None else (),
         selection_basis=basis,
         cross_validation=cv_stats,
+        **clinical,
+        model_card_json=run_dir.relative(card_json),
+        model_card_markdown=run_dir.relative(card_md),
     )
+
+
+def _clinical_evidence(
+    config: PipelineConfig,
+    run_dir: RunDir,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    arrays: dict[str, np.ndarray],
+    val_probs: np.ndarray,
+    test_probs: np.ndarray,
+) -> dict:
+    """The chosen model's operating point, bootstrap intervals and subgroup metrics (test split)."""
+    cfg = config.evaluation
+    classes = transformation.class_names
+    point = operating_point(cfg.operating_point, classes, (arrays["val_y"], val_probs), (arrays["test_y"], test_probs))
+    positive = positive_indices(point.positive, classes) if point else ()
+    threshold = point.threshold if point else None
+    resamples, seed = cfg.bootstrap_resamples, cfg.bootstrap_seed
+    intervals = bootstrap_intervals(arrays["test_y"], test_probs, resamples, seed, positive, threshold)
+    subgroups = ()
+    if ingestion.metadata_columns:
+        index = run_dir.path / Path(transformation.arrays["test_x"]).parent / "splits.jsonl"
+        with open(index) as fh:
+            rows = [row for row in map(json.loads, fh) if row["split"] == "test"]
+        metadata = [row.get("metadata") or {} for row in sorted(rows, key=lambda r: r["row"])]
+        subgroups = subgroup_metrics(
+            arrays["test_y"], test_probs, metadata, classes, resamples, seed, cfg.subgroup_min_count, positive, threshold
+        )
+    if point:
+        logger.info(
+            "operating point: P(%s) >= %.4f (validation sensitivity %.3f); test sensitivity %.3f, specificity %.3f",
+            "+".join(point.positive), point.threshold, point.validation_sensitivity, point.test_sensitivity, point.test_specificity,
+        )
+    return {
+        "operating_point": point,
+        "intervals": intervals,
+        "bootstrap": {"resamples": resamples, "seed": seed},
+        "subgroups": subgroups,
+    }
 
 
 def metric_value(metrics: SplitMetrics, metric: str) -> float:

@@ -137,6 +137,7 @@ def model_spec(
         data_fingerprint=ingestion.data_fingerprint,
         weights_sha256=sha256_file(checkpoint),
         metrics={"validation": to_jsonable(best.validation), "test": to_jsonable(best.test)},
+        operating_point=evaluation.operating_point,
         seal_digest=seal_digest,
     )
 
@@ -194,10 +195,13 @@ def _add_to_store(
         "gate_metric": evaluation.selection_metric,
         **summary_metrics,
     }
+    if spec.operating_point is not None:
+        metadata["operating_point"] = to_jsonable(spec.operating_point)
     try:
         # BentoML builds the model in a temporary folder and registers it in the store on a clean exit.
         with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
-            write_model_dir(Path(model.path), spec, checkpoint)
+            card = run_dir.path / evaluation.model_card_json if evaluation.model_card_json else None
+            write_model_dir(Path(model.path), spec, checkpoint, card)
     except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
         raise XrayError(f"push to BentoML model store failed: {exc}") from exc
 
@@ -216,6 +220,8 @@ def _upload_to_s3(
     try:
         uris = [upload_file(run_dir.path / evaluation.best_checkpoint, f"{base}/weights.pt", settings)]
         uris.append(upload_file(run_dir.path / evaluation.comparison_json, f"{base}/comparison.json", settings))
+        if evaluation.model_card_json:
+            uris.append(upload_file(run_dir.path / evaluation.model_card_json, f"{base}/model_card.json", settings))
         uris.append(upload_file(report, f"{base}/report.json", settings))
     except XrayError as exc:
         raise XrayError(f"push failed, model not added to the store: S3 copy to {base} failed: {exc}") from exc

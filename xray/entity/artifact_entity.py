@@ -44,6 +44,14 @@ class DuplicateGroup:
 
 
 @dataclass(frozen=True)
+class GroupLeak:
+    """A patient with films in more than one source split."""
+
+    group: str
+    splits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SourceObject:
     key: str
     size: int
@@ -68,6 +76,11 @@ class DataIngestionArtifact:
     duplicates: tuple[DuplicateGroup, ...] = ()
     leakage: tuple[DuplicateGroup, ...] = ()  # duplicates that sit in different source splits
     s3_objects: tuple[SourceObject, ...] = ()
+    grouping: str = "none"  # how images were grouped into patients (ingestion.group_by)
+    num_groups: int = 0  # patients (or single images where no group is known)
+    group_leakage: tuple[GroupLeak, ...] = ()  # patients whose films cross source splits
+    metadata_columns: tuple[str, ...] = ()  # metadata CSV columns carried per image (sex, view, site…)
+    dicom_images: int = 0  # how many images were DICOM (their attributes are in items.jsonl)
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class DataTransformationArtifact:
     arrays: dict[str, str]  # "train_x" -> run-relative path of an .npy (uint8 N×H×W), "train_y" -> labels
     normalization: dict[str, float]  # mean, std applied after scaling to [0, 1]
     augmentation: dict[str, float | bool]  # train-only, applied on the fly per batch
+    grouped_by: str = "none"  # how val/test were carved: by patient group, or by image (duplicates together)
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,40 @@ class SplitMetrics:
 
 
 @dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap 95 % percentile interval."""
+
+    point: float
+    lower: float
+    upper: float
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The threshold on P(positive) = the summed probability of ``positive``, chosen on validation."""
+
+    positive: tuple[str, ...]
+    target_sensitivity: float
+    threshold: float
+    validation_sensitivity: float
+    validation_specificity: float
+    test_sensitivity: float
+    test_specificity: float
+
+
+@dataclass(frozen=True)
+class SubgroupMetrics:
+    """Test metrics for the images sharing one value of a metadata column (sex=F, view=AP, site=B…)."""
+
+    column: str
+    value: str
+    count: int
+    class_counts: dict[str, int]
+    small: bool  # fewer than evaluation.subgroup_min_count images, or a class missing: read with care
+    intervals: dict[str, Interval]  # accuracy, roc_auc, sensitivity, specificity (when defined)
+
+
+@dataclass(frozen=True)
 class CandidateEvaluation:
     name: str
     validation: SplitMetrics
@@ -181,6 +229,12 @@ class ModelEvaluationArtifact:
     gradcam: tuple[str, ...] = ()
     selection_basis: str = "validation"  # validation | cross_validation (mean over folds on train+val)
     cross_validation: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate -> mean, std, folds
+    operating_point: OperatingPoint | None = None  # of the chosen candidate
+    intervals: dict[str, Interval] = field(default_factory=dict)  # chosen candidate, test: bootstrap 95 % CIs
+    bootstrap: dict[str, int] = field(default_factory=dict)  # resamples, seed
+    subgroups: tuple[SubgroupMetrics, ...] = ()
+    model_card_json: str = ""  # run-relative paths of the model card
+    model_card_markdown: str = ""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ class S3Config:
 @dataclass(frozen=True)
 class IngestionConfig:
     min_images_per_class: int = 10
-    leakage: str = "warn"  # warn | fail: exact duplicates across source splits
+    leakage: str = "warn"  # warn | fail: exact duplicates or patients across source splits
+    group_by: str = ""  # patient grouping: a metadata_csv column, or a regex with a named group "patient" on the path
+    metadata_csv: str = ""  # CSV with a "path" column (relative path or file name) + any columns (patient, sex, view…)
     class_names: tuple[str, ...] = ()  # names for integer labels (.npz); folders name their classes
     demo_images_per_class: int = 100
     s3: S3Config = field(default_factory=S3Config)
@@ -79,10 +81,20 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class OperatingPointConfig:
+    positive: tuple[str, ...] = ()  # classes whose summed probability is "disease"; empty: no operating point
+    target_sensitivity: float = 0.95  # the threshold is the highest that reaches this sensitivity on validation
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     selection_metric: str = "roc_auc"  # chosen on validation; test stays an honest estimate
     gradcam_per_class: int = 3
     calibration_bins: int = 15
+    operating_point: OperatingPointConfig = field(default_factory=OperatingPointConfig)
+    bootstrap_resamples: int = 1000  # test-set bootstrap for 95 % intervals
+    bootstrap_seed: int = 0
+    subgroup_min_count: int = 30  # subgroups smaller than this are reported and flagged as small
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from xray.entity.artifact_entity import (
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import XrayError
 from xray.keys import load_signing_key
+from xray.operating_point import positive_indices
 from xray.store import (
     RunDir,
     adopt_cached_stage,
@@ -203,6 +204,7 @@ def _execute(
     run.start_stage(data_ingestion.STAGE)
     ingestion = data_ingestion.run(config, run, code[data_ingestion.STAGE])
     run.finish_stage(data_ingestion.STAGE, ingestion)
+    positive_indices(config.evaluation.operating_point.positive, ingestion.class_names)  # a typo fails now, not after training
 
     transformation_code = code[data_transformation.STAGE]
     transformation = _cached_or_run(
@@ -224,7 +226,7 @@ def _execute(
     evaluation = _cached_or_run(
         run, model_evaluation.STAGE, ModelEvaluationArtifact,
         model_evaluation.stage_fingerprint(config, transformation, trainer, evaluation_code),
-        lambda: model_evaluation.run(config, run, transformation, trainer, evaluation_code),
+        lambda: model_evaluation.run(config, run, ingestion, transformation, trainer, evaluation_code),
     )
     pusher = _push(config, run, ingestion, transformation, evaluation)
     return summarize(evaluation, pusher)

@@ -1,0 +1,183 @@
+"""The model card: what an auditor reads before trusting the model, written with the evaluation.
+
+Field names follow the Model Card Toolkit schema (model_details,
+model_parameters, quantitative_analysis, considerations) so tools that read
+those cards can read this one; ``model_card.md`` is the same content for people.
+The card travels with the pushed model and the Bento's ``/metadata`` returns it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from xray.entity.artifact_entity import (
+    DataIngestionArtifact,
+    DataTransformationArtifact,
+    Interval,
+    OperatingPoint,
+    SubgroupMetrics,
+)
+
+CARD_JSON, CARD_MARKDOWN = "model_card.json", "model_card.md"
+SYNTHETIC_NOTE = (
+    "The data are SYNTHETIC demo phantoms drawn by `xray data demo`, not patient images: "
+    "these numbers say nothing about clinical performance."
+)
+METRIC_NAMES = {"accuracy": "accuracy", "roc_auc": "ROC-AUC", "sensitivity": "sensitivity", "specificity": "specificity"}
+
+
+def _number(value: float) -> float | None:
+    return round(float(value), 4) if value is not None and math.isfinite(value) else None
+
+
+def _metric(name: str, interval: Interval, slice_name: str = "test", threshold: float | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "type": name,
+        "value": _number(interval.point),
+        "slice": slice_name,
+        "confidence_interval": {"lower_bound": _number(interval.lower), "upper_bound": _number(interval.upper)},
+    }
+    if threshold is not None:
+        entry["threshold"] = round(threshold, 6)
+    return entry
+
+
+def build_card(
+    run_id: str,
+    architecture: str,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    intervals: dict[str, Interval],
+    bootstrap: dict[str, int],
+    point: OperatingPoint | None,
+    subgroups: tuple[SubgroupMetrics, ...],
+    selection: str,
+) -> dict[str, Any]:
+    synthetic = ingestion.source_kind == "demo"
+    classes = list(transformation.class_names)
+    threshold = point.threshold if point else None
+    metrics = [_metric(k, v, threshold=threshold if k in ("sensitivity", "specificity") else None) for k, v in intervals.items()]
+    for group in subgroups:
+        slice_name = f"test, {group.column}={group.value} (n={group.count}{', small' if group.small else ''})"
+        metrics += [_metric(k, v, slice_name, threshold if k in ("sensitivity", "specificity") else None) for k, v in group.intervals.items()]
+    limitations = [
+        "Trained and tested on one dataset snapshot; performance on other scanners, sites or populations is unknown until measured there.",
+        f"Input is reduced to {transformation.image_size}x{transformation.image_size} grayscale; findings smaller than a few pixels at that size cannot be seen.",
+        "Intervals are bootstrap percentiles over test images, not patients: where one patient has several test films, they are too narrow.",
+    ]
+    if synthetic:
+        limitations.insert(0, SYNTHETIC_NOTE)
+    if ingestion.grouping.startswith("none"):
+        limitations.append("No patient grouping was given (ingestion.group_by): one patient's films may sit in both training and test.")
+    small = [f"{g.column}={g.value} (n={g.count})" for g in subgroups if g.small]
+    if small:
+        limitations.append(f"Small subgroups, read their intervals with care: {', '.join(small)}.")
+    overview = (
+        f"{architecture} classifying chest radiographs into {', '.join(classes)}; chosen by {selection}."
+        + (f" Flags {' or '.join(point.positive)} when P(positive) >= {point.threshold:.4f}." if point else "")
+    )
+    data_entry = {
+        "source": ingestion.source_uri,
+        "source_kind": ingestion.source_kind,
+        "synthetic": synthetic,
+        "fingerprint": ingestion.data_fingerprint,
+        "counts": transformation.counts,
+        "grouping": ingestion.grouping,
+        "patient_groups": ingestion.num_groups,
+        "split_strategy": transformation.split_strategy,
+        "dicom_images": ingestion.dicom_images,
+        "unreadable_files": len(ingestion.unreadable),
+        "patients_across_source_splits": len(ingestion.group_leakage),
+        "duplicates_across_source_splits": len(ingestion.leakage),
+    }
+    return {
+        "schema": "Model Card Toolkit field names (model_details, model_parameters, quantitative_analysis, considerations)",
+        "model_details": {
+            "name": f"xray {architecture}",
+            "overview": overview,
+            "version": {"name": run_id, "date": datetime.now(timezone.utc).date().isoformat()},
+            "documentation": "Produced by the xray pipeline; the run directory holds every artifact with its sha256.",
+        },
+        "model_parameters": {
+            "model_architecture": architecture,
+            "input_format": f"one grayscale radiograph (PNG, JPEG or DICOM), resized to {transformation.image_size} px",
+            "output_format": "probability per class" + ("; positive flag at the operating point" if point else ""),
+            "data": [{"name": "training and evaluation data", **data_entry}],
+        },
+        "quantitative_analysis": {
+            "performance_metrics": metrics,
+            "bootstrap": bootstrap,
+            "operating_point": None if point is None else {
+                "positive": list(point.positive),
+                "target_sensitivity": point.target_sensitivity,
+                "threshold": point.threshold,
+                "chosen_on": "validation",
+                "validation_sensitivity": _number(point.validation_sensitivity),
+                "validation_specificity": _number(point.validation_specificity),
+            },
+        },
+        "considerations": {
+            "users": [{"description": "radiologists and clinical ML engineers evaluating the model; auditors"}],
+            "use_cases": [{"description": "research and evaluation; triage support under a radiologist's review, never a diagnosis on its own"}],
+            "limitations": [{"description": text} for text in limitations],
+            "tradeoffs": [{"description": (
+                f"The threshold favours sensitivity (target {point.target_sensitivity:.2f} on validation) over specificity."
+                if point else "No operating point configured: the label is the most probable class."
+            )}],
+            "ethical_considerations": [{
+                "name": "Performance may differ between patient groups (sex, age, view, site).",
+                "mitigation_strategy": "Subgroup metrics with intervals are reported where the metadata CSV provides the columns.",
+            }],
+        },
+    }
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    details, params = card["model_details"], card["model_parameters"]
+    analysis, considerations = card["quantitative_analysis"], card["considerations"]
+    data = params["data"][0]
+    lines = [f"# Model card: {details['name']}", "", details["overview"], ""]
+    if data["synthetic"]:
+        lines += [f"> **{SYNTHETIC_NOTE}**", ""]
+    lines += [
+        f"Version `{details['version']['name']}` ({details['version']['date']}).", "",
+        "## Data", "",
+        f"- source: `{data['source']}` ({data['source_kind']}); fingerprint `{data['fingerprint'][:16]}…`",
+        "- images per split: " + "; ".join(f"{s}: {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})" for s, c in data["counts"].items()),
+        f"- grouping: {data['grouping']}; {data['patient_groups']} groups; split: {data['split_strategy']}",
+        f"- DICOM images: {data['dicom_images']}; unreadable files excluded: {data['unreadable_files']}; "
+        f"patients across source splits: {data['patients_across_source_splits']}",
+        "",
+    ]
+    point = analysis["operating_point"]
+    if point:
+        lines += [
+            "## Operating point", "",
+            f"Positive: {', '.join(point['positive'])}; threshold {point['threshold']:.4f} on P(positive), chosen on validation "
+            f"for sensitivity ≥ {point['target_sensitivity']} (validation: sensitivity {point['validation_sensitivity']}, "
+            f"specificity {point['validation_specificity']}).", "",
+        ]
+    lines += [
+        f"## Metrics (bootstrap 95 % intervals, {analysis['bootstrap'].get('resamples')} resamples, seed {analysis['bootstrap'].get('seed')})",
+        "", "| slice | metric | value | 95 % interval |", "|---|---|---|---|",
+    ]
+    for m in analysis["performance_metrics"]:
+        ci = m["confidence_interval"]
+        interval = "–" if ci["lower_bound"] is None else f"{ci['lower_bound']:.4f} – {ci['upper_bound']:.4f}"
+        value = "–" if m["value"] is None else f"{m['value']:.4f}"
+        lines.append(f"| {m['slice']} | {METRIC_NAMES.get(m['type'], m['type'])} | {value} | {interval} |")
+    lines += ["", "## Intended use", ""] + [f"- {u['description']}" for u in considerations["use_cases"]]
+    lines += ["", "## Limitations", ""] + [f"- {x['description']}" for x in considerations["limitations"]]
+    lines += ["", "## Trade-offs", ""] + [f"- {x['description']}" for x in considerations["tradeoffs"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(card: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    json_path, md_path = out / CARD_JSON, out / CARD_MARKDOWN
+    json_path.write_text(json.dumps(card, indent=2) + "\n")
+    md_path.write_text(render_markdown(card))
+    return json_path, md_path
