@@ -111,6 +111,13 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
 
 
+def resize_batch(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``N×H×W`` -> ``N×size×size``, image by image through ``resize_square``."""
+    if pixels.shape[1:] == (size, size):
+        return pixels
+    return np.stack([resize_square(image, size) for image in pixels]) if len(pixels) else np.empty((0, size, size), np.uint8)
+
+
 def load_pixels(data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes or a file -> the uint8 ``size×size`` array a model sees."""
     image = open_image(data, max_pixels=max_pixels, draft_size=size)

@@ -27,6 +27,7 @@ from xray.explain import gradcam_overlays
 from xray.inference import choose_device, prepare_model, predict_proba
 from xray.metrics import compute_metrics
 from xray.models import build_model, load_checkpoint
+from xray.preprocessing import resize_batch
 from xray.store import RunDir, fingerprint, new_header
 from xray.typed import to_jsonable
 
@@ -52,8 +53,9 @@ def run(
     cfg = config.evaluation
     out = run_dir.stage_dir(STAGE)
     classes = transformation.class_names
-    preprocessing = preprocessing_of(transformation)
+    preprocessing = preprocessing_of(transformation, trainer.architecture_input["image_size"])
     arrays = {k: np.load(run_dir.path / v) for k, v in transformation.arrays.items() if not k.startswith("train")}
+    arrays = {k: resize_batch(v, preprocessing.image_size) if k.endswith("_x") else v for k, v in arrays.items()}
     device = choose_device()
 
     evaluations, test_probs, models, files = [], {}, {}, []
@@ -116,6 +118,7 @@ def run(
         gradcam=(run_dir.relative(gradcam),) if gradcam is not None else (),
         selection_basis=basis,
         cross_validation=cv_stats,
+        image_size=preprocessing.image_size,
     )
 
 

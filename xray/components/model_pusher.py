@@ -120,7 +120,7 @@ def _push_to_bentoml(
     spec = ModelSpec(
         architecture=best.name,
         class_names=transformation.class_names,
-        preprocessing=preprocessing_of(transformation),
+        preprocessing=preprocessing_of(transformation, evaluation.image_size),
         run_id=run_dir.run_id,
         data_fingerprint=ingestion.data_fingerprint,
         weights_sha256=sha256_file(checkpoint),
