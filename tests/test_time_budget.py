@@ -159,3 +159,15 @@ def test_a_tiny_budget_is_planned_recorded_and_respected(tmp_path: Path) -> None
     (candidate,) = trainer["candidates"]
     assert len(candidate["history"]) <= planned["planned_epochs"]
     assert "time budget 4s: simple_cnn" in result.stderr
+
+
+def test_where_measuring_was_slow_smaller_sizes_are_scaled_not_measured_again() -> None:
+    calls: list[tuple[str, int]] = []
+    plan = plan_training(
+        ["simple_cnn", "densenet121"], wanted_epochs=100, image_size=128, steps_per_epoch=3, budget_s=1e-9,
+        measure=fake_measure({"simple_cnn": 2.0, "densenet121": 32.0}, calls), remaining_s=lambda: 240.0,
+    )
+    assert calls == [("simple_cnn", 128), ("densenet121", 128)]
+    assert plan.image_size == 64 and [c.planned_epochs for c in plan.candidates] == [100, 23]
+    assert [t.measured for t in plan.timings] == [True, True, False, False, False, False]
+    assert plan.timings[-1].seconds_per_epoch == 8.0 and plan.timings[-1].image_size == 64

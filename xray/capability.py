@@ -6,6 +6,11 @@ have misled (a CPU may list ``avx512_bf16`` and still be slow through torch's
 kernels), so precision is chosen from measured throughput: bf16 only where it
 beats fp32 by ``BF16_MARGIN`` on both matmul and convolution.
 
+Peaks are measured on one thread against that thread's CPU time
+(``time.thread_time``) and multiplied by the thread count: the machine is
+often shared, and wall-clock timing under a load of 7 on 2 cores once recorded
+a conv "peak" 50x too low, which would then have been cached for good.
+
 The measurement takes a few seconds and is cached in
 ``$XRAY_CACHE_DIR/capability.json`` (default ``~/.cache/xray``), keyed by CPU
 model, flags, torch version and thread count; a corrupt cache is recomputed.
@@ -44,7 +49,7 @@ class Capability:
     torch_capability: str  # torch.backends.cpu.get_cpu_capability(): the kernels torch dispatches to
     torch_version: str
     cores: int
-    threads: int  # torch threads the peaks were measured with
+    threads: int  # torch threads: the peaks are one thread's (per CPU-second) times this
     fp32_matmul_gflops: float
     bf16_matmul_gflops: float
     fp32_conv_gflops: float
@@ -111,7 +116,7 @@ def cores() -> int:
 
 
 def _cache_key(model: str, flags: tuple[str, ...], threads: int) -> str:
-    return f"{model}|{','.join(flags)}|torch {torch.__version__}|{threads} threads"
+    return f"{model}|{','.join(flags)}|torch {torch.__version__}|{threads} threads|per-core v2"
 
 
 @lru_cache(maxsize=None)
@@ -134,11 +139,11 @@ def capability(threads: int | None = None) -> Capability:
 
 
 def measure(threads: int, model: str = "", flags: tuple[str, ...] | None = None) -> Capability:
-    """Time fp32 and bf16 matmul and a 3x3 convolution on ``threads`` threads (a few seconds)."""
+    """Time fp32 and bf16 matmul and a 3x3 convolution on one thread (CPU time), x ``threads`` (a few seconds)."""
     if flags is None:
         model, flags = cpu_identity()
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         with torch.inference_mode():
             peaks = {
@@ -155,27 +160,27 @@ def measure(threads: int, model: str = "", flags: tuple[str, ...] | None = None)
         torch_version=torch.__version__,
         cores=cores(),
         threads=threads,
-        fp32_matmul_gflops=round(peaks["matmul", torch.float32], 2),
-        bf16_matmul_gflops=round(peaks["matmul", torch.bfloat16], 2),
-        fp32_conv_gflops=round(peaks["conv", torch.float32], 2),
-        bf16_conv_gflops=round(peaks["conv", torch.bfloat16], 2),
+        fp32_matmul_gflops=round(threads * peaks["matmul", torch.float32], 2),
+        bf16_matmul_gflops=round(threads * peaks["matmul", torch.bfloat16], 2),
+        fp32_conv_gflops=round(threads * peaks["conv", torch.float32], 2),
+        bf16_conv_gflops=round(threads * peaks["conv", torch.bfloat16], 2),
     )
 
 
 def _rate(run: Callable[[], object], flops: float) -> tuple[float, float]:
-    """(GFLOP/s, seconds per call) after one warm-up call, over at least PROBE_SECONDS."""
+    """(GFLOP per CPU-second of this thread, CPU seconds per call) after one warm-up call, over PROBE_SECONDS."""
     run()
-    calls, started = 0, time.perf_counter()
+    calls, started = 0, time.thread_time()
     while True:
         run()
         calls += 1
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
         if elapsed >= PROBE_SECONDS:
             return flops * calls / elapsed / 1e9, elapsed / calls
 
 
 def _matmul_gflops(dtype: torch.dtype) -> float:
-    """Grow the matrices until one product takes 20 ms: big enough for the kernel's peak, and a slow
+    """Grow the matrices until one product takes 20 ms of CPU: big enough for the kernel's peak, and a slow
     dtype (bf16 on AVX2 runs ~0.2 GFLOP/s) stops at a small size instead of taking minutes."""
     best = 0.0
     for n in (128, 256, 512, 1024):

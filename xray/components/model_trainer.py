@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE = "model_trainer"
+PROBE_BATCH = 16  # images per timed step when planning a time budget
 ProgressFn = Callable[..., None]
 
 
@@ -309,27 +310,32 @@ def time_candidate(
     world_size: int,
     repeats: int,
 ) -> CandidateTiming:
-    """Seconds per training step (after a warm-up step) and forward images/s, on real images at ``size``."""
+    """Seconds per training step and forward images/s, on real images at ``size``.
+
+    Timed on a batch of at most PROBE_BATCH images (after a warm-up step) and scaled to the planned
+    batch: per-image cost on CPU only falls with batch, so the estimate errs long, and measuring a
+    DenseNet at batch 64 on two busy cores would itself eat minutes of the budget.
+    """
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_model(name, len(data.class_names)), device, cfg.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(cfg.seed)
-    pixels = torch.from_numpy(resize_batch(data.train_x[:batch_size], size))
-    labels = torch.from_numpy(data.train_y[:batch_size])
+    probe = max(2, min(batch_size, PROBE_BATCH, len(data.train_y)))
+    pixels = torch.from_numpy(resize_batch(data.train_x[:probe], size))
+    labels = torch.from_numpy(data.train_y[:probe])
     prep = dataclasses.replace(data.preprocessing, image_size=size)
     model.train()
     step = lambda: _train_step(model, criterion, optimizer, prep, data.augment, pixels, labels, generator, device, precision, cfg.channels_last)  # noqa: E731
     step()  # warm-up: allocator, kernel selection
     steps, started = 0, time.perf_counter()
-    while steps < 3 and (steps == 0 or time.perf_counter() - started < 2.0):
+    while steps < 3 and (steps == 0 or time.perf_counter() - started < 1.0):
         step()
         steps += 1
-    step_s = (time.perf_counter() - started) / steps
-    sample = resize_batch(data.train_x[: min(len(data.train_x), 32)], size)
+    step_s = (time.perf_counter() - started) / steps * batch_size / probe
     started = time.perf_counter()
-    predict_logits(model, sample, prep, device, "fp32", channels_last=cfg.channels_last)
-    eval_ips = len(sample) / max(time.perf_counter() - started, 1e-6)
+    predict_logits(model, pixels.numpy(), prep, device, "fp32", channels_last=cfg.channels_last)
+    eval_ips = probe / max(time.perf_counter() - started, 1e-6)
     forward_images = min(cfg.precise_bn_images, len(data.train_y)) + math.ceil(len(data.val_y) / world_size)
     epoch_s = (batches * step_s + forward_images / eval_ips) * repeats
     return CandidateTiming(name, size, batch_size, round(step_s, 4), round(eval_ips, 1), round(epoch_s, 2))

@@ -12,6 +12,8 @@ forward pass for precise BatchNorm and validation. The planner then:
    share passing the rest on (water-filling), and shortens the schedules;
 3. if a candidate would still get fewer than ``MIN_USEFUL_EPOCHS``, shrinks
    the image (full-size data only: 128 -> 96 -> 64 px) and measures again;
+   (where measuring already cost more than ``MEASURE_SHARE`` of the budget,
+   the smaller size's cost is scaled from the pixel count instead);
 4. then drops the most expensive candidate, as long as one is left.
 
 Every cut is logged with its reason and recorded in the ``TrainingPlan``.
@@ -20,6 +22,7 @@ The fit loop also stops at the deadline, so a mis-estimate cannot overrun.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,6 +33,7 @@ from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, DroppedC
 logger = logging.getLogger(__name__)
 
 TRAINING_SHARE = 0.85  # of the budget; the rest covers evaluation, checkpoints and estimate error
+MEASURE_SHARE = 0.05  # re-measure at a smaller size only while measuring has cost less than this share of the budget
 MIN_USEFUL_EPOCHS = 10  # fewer epochs from scratch leave a cosine schedule too short to converge
 SMALLER_SIZES = (96, 64)  # full-size data may shrink to these; MedMNIST-size data (<= 64 px) never shrinks
 
@@ -80,6 +84,7 @@ def plan_training(
     floor = min(MIN_USEFUL_EPOCHS, wanted_epochs)
     current = {name: measure(name, size) for name in names}
     timings += current.values()
+    measuring_s = time.monotonic() - started
     while True:
         available = remaining_s()
         seconds = {name: current[name].seconds_per_epoch for name in names}
@@ -93,8 +98,11 @@ def plan_training(
             new_size = smaller.pop(0)
             decisions.append(f"image size {size} -> {new_size} px: {why}")
             logger.info("time budget: %s", decisions[-1])
+            if measuring_s < MEASURE_SHARE * budget_s:
+                current = {name: measure(name, new_size) for name in names}
+            else:  # measuring is itself too slow here (a busy machine): scale by the pixel count instead
+                current = {name: scaled(current[name], new_size) for name in names}
             size = new_size
-            current = {name: measure(name, size) for name in names}
             timings += current.values()
         elif len(names) > 1:
             costly = max(names, key=lambda name: seconds[name])
@@ -125,6 +133,16 @@ def plan_training(
         dropped=tuple(dropped),
         decisions=tuple(decisions),
         planning_seconds=round(time.monotonic() - started, 2),
+    )
+
+
+def scaled(timing: CandidateTiming, size: int) -> CandidateTiming:
+    """An estimate at ``size`` from a measurement at another size: convolution cost goes with the pixel count."""
+    factor = (size / timing.image_size) ** 2
+    return dataclasses.replace(
+        timing, image_size=size, seconds_per_step=round(timing.seconds_per_step * factor, 4),
+        eval_images_per_second=round(timing.eval_images_per_second / factor, 1),
+        seconds_per_epoch=round(timing.seconds_per_epoch * factor, 2), measured=False,
     )
 
 

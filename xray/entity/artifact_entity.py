@@ -142,6 +142,7 @@ class CandidateTiming:
     seconds_per_step: float  # forward + backward + optimizer step, augmentation included
     eval_images_per_second: float  # forward passes: precise BatchNorm and validation
     seconds_per_epoch: float  # steps + precise BatchNorm + validation (x folds + 1 when cross-validating)
+    measured: bool = True  # False: scaled by pixel count from a measurement at another size (measuring was too slow)
 
 
 @dataclass(frozen=True)
