@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,13 +69,7 @@ def predict_logits(
 
 
 def predict_proba(
-    model: nn.Module,
-    pixels: np.ndarray,
-    preprocessing: Preprocessing,
-    device: torch.device,
-    precision: str = "fp32",
-    batch_size: int = 128,
-    channels_last: bool = True,
+    model: nn.Module, pixels: np.ndarray, preprocessing: Preprocessing, device: torch.device, *args: Any, **kwargs: Any
 ) -> np.ndarray:
-    logits = predict_logits(model, pixels, preprocessing, device, precision, batch_size, channels_last)
-    return torch.softmax(logits, dim=1).numpy()
+    """Softmax of ``predict_logits`` as numpy; further arguments are its own (precision, batch_size, ...)."""
+    return torch.softmax(predict_logits(model, pixels, preprocessing, device, *args, **kwargs), dim=1).numpy()

@@ -43,6 +43,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
+from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
 from xray.inference import choose_device, choose_precision
 from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, load_pixels
 from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
@@ -55,7 +56,7 @@ class ServingSettings:
     """Everything an operator can tune without touching code; read once at import."""
 
     model_tag: str = f"{DEFAULT_MODEL_NAME}:latest"
-    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch_size: int = 16  # bounds the memory of one forward pass
     max_latency_ms: int = 30_000  # BentoML answers 503 rather than queue past this

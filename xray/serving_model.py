@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xray.entity.config_entity import DEFAULT_MODEL_NAME
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
 from xray.models import build_model, load_checkpoint
 from xray.preprocessing import Preprocessing
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 SPEC = "model.json"
-DEFAULT_MODEL_NAME = "xray-classifier"
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class LoadedModel:
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return predict_proba(
-            self.inference_model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size
+            self.inference_model, pixels, self.spec.preprocessing, self.device,
+            precision=self.precision, batch_size=batch_size,
         )
 
 

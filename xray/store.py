@@ -33,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
+from xray.codegraph import PACKAGE_DIR, module_closure, module_file
 from xray.entity.artifact_entity import ARTIFACT_TYPES, ArtifactHeader, FileRecord
 from xray.errors import RunError
 from xray.typed import SchemaError, from_mapping, to_jsonable
@@ -40,7 +41,6 @@ from xray.typed import SchemaError, from_mapping, to_jsonable
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-PACKAGE_DIR = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
 ARTIFACT_JSON = "artifact.json"
 STAGES = ("data_ingestion", "data_transformation", "model_trainer", "model_evaluation", "model_pusher")
@@ -83,13 +83,32 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path} is not valid JSON: {exc}") from None
 
 
-def code_hash() -> str:
-    """Hash of the package's source: part of every stage fingerprint, so changed code is recomputed."""
+def code_hash(modules: Iterable[str] | None = None, package_dir: Path = PACKAGE_DIR) -> str:
+    """Hash of the package's source (or of the named ``xray`` modules only): changed code is recomputed."""
+    if modules is None:
+        paths = sorted(package_dir.rglob("*.py"))
+    else:
+        paths = sorted({_source_of(name, package_dir) for name in modules})
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
+    for path in paths:
+        digest.update(str(path.relative_to(package_dir)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def stage_code_hash(stage_module: str, package_dir: Path = PACKAGE_DIR) -> str:
+    """The code a stage runs, for its fingerprint: its module and the ``xray`` modules it imports, transitively.
+
+    Editing what the stage does not import (the app, its pages, serving) keeps the stage's cache.
+    """
+    return code_hash(module_closure(stage_module, package_dir), package_dir)
+
+
+def _source_of(module: str, package_dir: Path) -> Path:
+    path = module_file(module, package_dir)
+    if path is None:
+        raise ValueError(f"{module} is not a module under {package_dir}")
+    return path
 
 
 def code_version() -> dict[str, Any]:

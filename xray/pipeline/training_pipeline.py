@@ -44,11 +44,14 @@ from xray.store import (
     adopt_cached_stage,
     cache_lookup,
     cache_store,
-    code_hash,
     load_typed,
+    stage_code_hash,
 )
 
 logger = logging.getLogger(__name__)
+
+# The stages with a fingerprint; each one's covers the code it runs (its module's import closure), not all of xray/.
+_CACHED_STAGES = (data_ingestion, data_transformation, model_trainer, model_evaluation)
 
 
 @dataclass(frozen=True)
@@ -184,33 +187,36 @@ def _run(
 def _execute(
     config: PipelineConfig, run: RunDir, ctx: DistContext | None = None, channel: PlanChannel | None = None
 ) -> dict[str, Any]:
-    code = code_hash()
+    code = {stage.STAGE: stage_code_hash(stage.__name__) for stage in _CACHED_STAGES}
 
     def progress(**fields: Any) -> None:
         run.set_progress(**fields)
 
     run.start_stage(data_ingestion.STAGE)
-    ingestion = data_ingestion.run(config, run, code)
+    ingestion = data_ingestion.run(config, run, code[data_ingestion.STAGE])
     run.finish_stage(data_ingestion.STAGE, ingestion)
 
+    transformation_code = code[data_transformation.STAGE]
     transformation = _cached_or_run(
         run, data_transformation.STAGE, DataTransformationArtifact,
-        data_transformation.stage_fingerprint(config, ingestion, code),
-        lambda: data_transformation.run(config, run, ingestion, code),
+        data_transformation.stage_fingerprint(config, ingestion, transformation_code),
+        lambda: data_transformation.run(config, run, ingestion, transformation_code),
     )
+    trainer_code = code[model_trainer.STAGE]
     if ctx is None:
         trainer = _cached_or_run(
             run, model_trainer.STAGE, ModelTrainerArtifact,
-            model_trainer.stage_fingerprint(config, transformation, code),
-            lambda: model_trainer.run(config, run, transformation, code, progress=progress),
+            model_trainer.stage_fingerprint(config, transformation, trainer_code),
+            lambda: model_trainer.run(config, run, transformation, trainer_code, progress=progress),
         )
     else:
         assert channel is not None
-        trainer = _train_distributed(config, run, transformation, code, progress, ctx, channel)
+        trainer = _train_distributed(config, run, transformation, trainer_code, progress, ctx, channel)
+    evaluation_code = code[model_evaluation.STAGE]
     evaluation = _cached_or_run(
         run, model_evaluation.STAGE, ModelEvaluationArtifact,
-        model_evaluation.stage_fingerprint(config, transformation, trainer, code),
-        lambda: model_evaluation.run(config, run, transformation, trainer, code),
+        model_evaluation.stage_fingerprint(config, transformation, trainer, evaluation_code),
+        lambda: model_evaluation.run(config, run, transformation, trainer, evaluation_code),
     )
     pusher = _push(config, run, ingestion, transformation, evaluation)
     return summarize(evaluation, pusher)
