@@ -48,6 +48,7 @@ def train_args(args: argparse.Namespace, artifacts: Path, threads: int = 0) -> l
         f"trainer.batch_size={args.batch_size}",
         "trainer.early_stopping_patience=0",
         "trainer.min_steps=0",  # exactly --epochs, whatever the dataset size
+        "trainer.time_budget=none",  # and no budget cutting them short
         f"transformation.image_size={args.image_size}",
         f"ingestion.demo_images_per_class={args.per_class}",
         "evaluation.gradcam_per_class=0",
@@ -115,6 +116,9 @@ def main() -> None:
             run_side(f"{args.nproc}-rank DDP", ddp, args, root),
         ]
 
+    from xray.capability import capability
+
+    print(capability().describe())
     print(f"{args.candidate}, {args.image_size} px, {args.per_class}/class demo, {args.epochs} epochs, "
           f"global batch {args.batch_size}, {os.cpu_count()} CPUs")
     for r in results:

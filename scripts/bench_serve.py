@@ -230,6 +230,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="xray-bench-") as tmp:
         root = Path(tmp)
+        from xray.capability import capability
+
+        print(capability().describe(), flush=True)
         print(f"image: {image} ({image.stat().st_size} bytes); cpus: {os.cpu_count()}; env: {args.env or '-'}", flush=True)
         servers: list[Server] = []
         try:

@@ -82,6 +82,9 @@ def main() -> int:
     parser.add_argument("--min-agreement", type=float, default=0.99)
     args = parser.parse_args()
 
+    from xray.capability import capability
+
+    print(capability().describe())
     tag, path = model_path(args)
     fp32 = load_model_dir(path, precision="fp32", tag=tag)
     bf16 = load_model_dir(path, precision="bf16", tag=tag)

@@ -26,6 +26,7 @@ TINY = [
     "ingestion.min_images_per_class=5",
     "evaluation.gradcam_per_class=1",
     "gate.min_roc_auc=0",
+    "trainer.time_budget=none",  # no planning measurements; tests/test_time_budget.py covers the budget
 ]
 
 

@@ -27,7 +27,8 @@ from .data_builders import class_folder
 from .test_pipeline import run_id_of
 
 CLASSES = {"covid": 24, "normal": 24, "pneumonia": 24}
-COMPARE = ["trainer.epochs=4", "trainer.early_stopping_patience=0", "push.enabled=false"]
+# A time budget too: rank 0 plans, every rank must train that one plan (4 epochs fit 10 minutes easily).
+COMPARE = ["trainer.epochs=4", "trainer.early_stopping_patience=0", "push.enabled=false", "trainer.time_budget=10m"]
 
 
 def free_port() -> int:
@@ -99,6 +100,7 @@ def test_two_ranks_make_one_run_like_a_single_process(tmp_path: Path, bands: Pat
     trainer = load_stage_artifact(ddp_root, manifest, "model_trainer")
     assert [c.world_size for c in trainer.candidates] == [2]
     assert len(trainer.candidates[0].history) == 4
+    assert trainer.plan is not None and [(c.name, c.planned_epochs) for c in trainer.plan.candidates] == [("simple_cnn", 4)]
 
     verify = run_cli("runs", "--artifacts", str(ddp_root), "verify", manifest.run_id)
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -143,6 +143,7 @@ def validate(config: PipelineConfig) -> None:
     t = config.transformation
     if not (0 < t.val_fraction < 1 and 0 < t.test_fraction < 1 and t.val_fraction + t.test_fraction < 0.9):
         raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")
+    parse_duration(trainer.time_budget, "trainer.time_budget")
     if trainer.cv_folds == 1 or trainer.cv_folds < 0:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
     _validate_clinical(config)
@@ -171,6 +172,25 @@ def check_ranges(flat: dict[str, Any]) -> None:
         value = flat[key]
         if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
             raise ConfigError(f"config: {key} must be between {low:g} and {high:g}, got {value!r}")
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION_S = 7 * 24 * 3600.0
+
+
+def parse_duration(value: str | float, key: str = "duration") -> float | None:
+    """``90s``, ``10m``, ``1.5h`` or a number of seconds -> seconds; ``none`` or 0 -> None (no limit)."""
+    text = str(value).strip().lower()
+    if text in ("none", "0", "0.0", "off"):
+        return None
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ConfigError(f"config: {key} must look like 90s, 10m, 1h or none, got {value!r}") from None
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise ConfigError(f"config: {key} must be between 1s and 7 days (or none), got {value!r}")
+    return seconds
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

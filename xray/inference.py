@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from xray.capability import capability
 from xray.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -25,22 +24,14 @@ def choose_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """bf16 autocast only pays off where the CPU has native bf16 dot products."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def choose_precision(device: torch.device, setting: str) -> str:
+    """``auto`` on CPU: bf16 only where this machine measured it faster than fp32 (``xray.capability``);
+    training and serving both decide here."""
     if setting != "auto":
         return setting
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if capability().prefers_bf16 else "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -181,6 +181,13 @@ def decode_grayscale(
     return to_grayscale_array(image), None
 
 
+def resize_batch(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``N×H×W`` -> ``N×size×size``, image by image through ``resize_square``."""
+    if pixels.shape[1:] == (size, size):
+        return pixels
+    return np.stack([resize_square(image, size) for image in pixels]) if len(pixels) else np.empty((0, size, size), np.uint8)
+
+
 def load_pixels(data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes or a file -> the uint8 ``size×size`` array a model sees."""
     pixels, _ = decode_grayscale(data, max_pixels=max_pixels, draft_size=size)

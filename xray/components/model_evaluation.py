@@ -30,6 +30,7 @@ from xray.inference import choose_device, prepare_model, predict_proba
 from xray.metrics import compute_metrics
 from xray.models import build_model, load_checkpoint
 from xray.operating_point import operating_point, positive_indices
+from xray.preprocessing import resize_batch
 from xray.store import RunDir, fingerprint, new_header
 from xray.typed import to_jsonable
 
@@ -56,8 +57,9 @@ def run(
     cfg = config.evaluation
     out = run_dir.stage_dir(STAGE)
     classes = transformation.class_names
-    preprocessing = preprocessing_of(transformation)
+    preprocessing = preprocessing_of(transformation, trainer.architecture_input["image_size"])
     arrays = {k: np.load(run_dir.path / v) for k, v in transformation.arrays.items() if not k.startswith("train")}
+    arrays = {k: resize_batch(v, preprocessing.image_size) if k.endswith("_x") else v for k, v in arrays.items()}
     device = choose_device()
 
     evaluations, test_probs, val_probs, models, files = [], {}, {}, {}, []
@@ -129,6 +131,7 @@ def run(
         **clinical,
         model_card_json=run_dir.relative(card_json),
         model_card_markdown=run_dir.relative(card_md),
+        image_size=preprocessing.image_size,
     )
 
 

@@ -132,7 +132,7 @@ def model_spec(
     return ModelSpec(
         architecture=best.name,
         class_names=transformation.class_names,
-        preprocessing=preprocessing_of(transformation),
+        preprocessing=preprocessing_of(transformation, evaluation.image_size),
         run_id=run_id,
         data_fingerprint=ingestion.data_fingerprint,
         weights_sha256=sha256_file(checkpoint),

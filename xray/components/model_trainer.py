@@ -32,14 +32,24 @@ from tqdm import tqdm
 
 from xray import distributed
 from xray.augment import augment_batch
+from xray.capability import capability
+from xray.components.training_budget import candidate_deadline, plan_training, training_deadline
+from xray.config import parse_duration
 from xray.distributed import DistContext
-from xray.entity.artifact_entity import CandidateModel, DataTransformationArtifact, EpochRecord, ModelTrainerArtifact
+from xray.entity.artifact_entity import (
+    CandidateModel,
+    CandidateTiming,
+    DataTransformationArtifact,
+    EpochRecord,
+    ModelTrainerArtifact,
+    TrainingPlan,
+)
 from xray.entity.config_entity import AugmentConfig, PipelineConfig, TrainerConfig
 from xray.errors import XrayError
 from xray.inference import autocast, choose_device, choose_precision, predict_logits, prepare_model
 from xray.metrics import roc_auc
 from xray.models import build_model, count_parameters
-from xray.preprocessing import Preprocessing
+from xray.preprocessing import Preprocessing, resize_batch
 from xray.store import RunDir, fingerprint, load_typed, new_header
 from xray.typed import from_mapping, to_jsonable
 
@@ -49,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE = "model_trainer"
+PROBE_BATCH = 16  # images per timed step when planning a time budget
 ProgressFn = Callable[..., None]
 
 
@@ -74,6 +85,7 @@ class FitResult:
     precision: str
     device: str
     stopped_early: bool
+    stopped_by_budget: bool = False
 
 
 def stage_fingerprint(
@@ -101,9 +113,10 @@ def load_training_data(run_path: Path, transformation: DataTransformationArtifac
     )
 
 
-def preprocessing_of(transformation: DataTransformationArtifact) -> Preprocessing:
+def preprocessing_of(transformation: DataTransformationArtifact, image_size: int = 0) -> Preprocessing:
+    """``image_size``: the size the models were trained at when the time budget shrank it (0: the transformation's)."""
     return Preprocessing(
-        image_size=transformation.image_size,
+        image_size=image_size or transformation.image_size,
         mean=transformation.normalization["mean"],
         std=transformation.normalization["std"],
         channels=transformation.channels,
@@ -119,14 +132,17 @@ def run(
     dist: DistContext | None = None,
 ) -> ModelTrainerArtifact:
     """Train every candidate and write the artifact: the single process, or rank 0 of a distributed job."""
+    started = time.monotonic()
     cfg = config.trainer
     data = _load_everywhere(lambda: load_training_data(run_dir.path, transformation), run_dir.path, dist)
     out = run_dir.stage_dir(STAGE)
     world_size = dist.world_size if dist else 1
     folds = _fold_plan(data, cfg)
+    plan, deadline = make_plan(cfg, data, folds, dist, started)
+    data = at_size(data, plan.image_size) if plan else data
     candidates, files = [], []
     cv_results: dict[str, CandidateCV] = {}
-    for name, result, cv in _train_each(cfg, data, folds, progress, dist):
+    for name, result, cv in _train_each(cfg, data, folds, plan, deadline, progress, dist):
         checkpoint = out / f"{name}.pt"
         torch.save(result.state_dict, checkpoint)
         files.append(checkpoint)
@@ -152,6 +168,7 @@ def run(
                 cv_fold_metrics=cv.folds if cv else (),
                 cv_final_model=cfg.cv_final_model if cv else None,
                 cv_retrain_epochs=cv.retrain_epochs if cv else None,
+                stopped_by_budget=result.stopped_by_budget,
             )
         )
     cv_files: dict[str, str] = {}
@@ -167,12 +184,13 @@ def run(
             parents=[transformation.header.artifact_id], files=files,
         ),
         architecture_input={
-            "image_size": transformation.image_size,
+            "image_size": data.preprocessing.image_size,
             "channels": transformation.channels,
             "num_classes": len(transformation.class_names),
         },
         candidates=tuple(candidates),
         cross_validation=cv_files,
+        plan=plan,
     )
 
 
@@ -182,8 +200,12 @@ def train_worker(config: PipelineConfig, run_path: Path, transformation_json: Pa
     def load() -> TrainingData:
         return load_training_data(run_path, load_typed(DataTransformationArtifact, transformation_json))
 
+    started = time.monotonic()
     data = _load_everywhere(load, run_path, dist)
-    for _ in _train_each(config.trainer, data, _fold_plan(data, config.trainer), None, dist):
+    folds = _fold_plan(data, config.trainer)
+    plan, deadline = make_plan(config.trainer, data, folds, dist, started)
+    data = at_size(data, plan.image_size) if plan else data
+    for _ in _train_each(config.trainer, data, folds, plan, deadline, None, dist):
         pass
 
 
@@ -214,20 +236,163 @@ def _train_each(
     cfg: TrainerConfig,
     data: TrainingData,
     folds: FoldPlan | None,
+    plan: TrainingPlan | None,
+    deadline: float | None,
     progress: ProgressFn | None,
     dist: DistContext | None,
 ) -> Iterator[tuple[str, FitResult, CandidateCV | None]]:
     """Each candidate's final fit (and its cross-validation), one at a time, so rank 0 saves as it goes."""
-    for name in cfg.candidates:
+    planned = {c.name: c.planned_epochs for c in plan.candidates} if plan else {name: 0 for name in cfg.candidates}
+    for name, epochs in planned.items():
+        cand_cfg = planned_schedule(cfg, plan.steps_per_epoch, epochs) if plan else cfg
         if folds is None:
             if dist is None or dist.is_lead:
                 logger.info("training %s on %d images (%d validation)", name, len(data.train_y), len(data.val_y))
-            yield name, fit(name, data, cfg, progress=progress, dist=dist), None
+            until = candidate_deadline(plan, name, time.monotonic(), deadline) if plan and deadline else None
+            yield name, fit(name, data, cand_cfg, progress=progress, dist=dist, deadline=until), None
         else:
             from xray.components import cross_validation
 
-            cv = cross_validation.cross_validate(name, data, folds, cfg, progress=progress, dist=dist)
+            cv = cross_validation.cross_validate(name, data, folds, cand_cfg, progress=progress, dist=dist)
             yield name, cv.final, cv
+
+
+def make_plan(
+    cfg: TrainerConfig, data: TrainingData, folds: FoldPlan | None, dist: DistContext | None, started: float
+) -> tuple[TrainingPlan | None, float | None]:
+    """(plan, training deadline on time.monotonic()) under trainer.time_budget; (None, None) without one.
+
+    Rank 0 measures and plans; under DDP the other ranks receive its plan, so all train the same schedule.
+    """
+    budget = parse_duration(cfg.time_budget)
+    if budget is None:
+        return None, None
+    deadline = training_deadline(started, budget)
+    plan = None
+    if dist is None or dist.is_lead:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        device = dist.device if dist else choose_device()
+        precision = choose_precision(device, cfg.precision)
+        world_size = dist.world_size if dist else 1
+        _, batch_size, batches = batch_plan(len(data.train_y), cfg.batch_size, world_size)
+        if cfg.max_batches_per_epoch:
+            batches = min(batches, cfg.max_batches_per_epoch)
+        repeats = cfg.cv_folds + 1 if folds is not None else 1  # each fold, then the final model
+
+        def measure(name: str, size: int) -> CandidateTiming:
+            return time_candidate(name, data, cfg, size, batch_size, batches, device, precision, world_size, repeats)
+
+        plan = plan_training(
+            cfg.candidates, stretch_schedule(cfg, batches).epochs, data.preprocessing.image_size, batches, budget,
+            measure, remaining_s=lambda: deadline - time.monotonic(),
+            capability=capability().describe() if device.type == "cpu" else f"cuda: {torch.cuda.get_device_name(device)}",
+        )
+        logger.info(
+            "time budget %s: %s at %d px (measured in %.1f s)%s", cfg.time_budget,
+            ", ".join(f"{c.name} {c.planned_epochs}/{c.wanted_epochs} epochs ~{c.planned_seconds:.0f} s" for c in plan.candidates),
+            plan.image_size, plan.planning_seconds, "".join(f"; dropped {d.name}" for d in plan.dropped),
+        )
+    if dist is not None:
+        plan = distributed.broadcast_object(dist, plan, "the training plan", setup=True)
+    return plan, deadline
+
+
+def time_candidate(
+    name: str,
+    data: TrainingData,
+    cfg: TrainerConfig,
+    size: int,
+    batch_size: int,
+    batches: int,
+    device: torch.device,
+    precision: str,
+    world_size: int,
+    repeats: int,
+) -> CandidateTiming:
+    """Seconds per training step and forward images/s, on real images at ``size``.
+
+    Timed on a batch of at most PROBE_BATCH images (after a warm-up step) and scaled to the planned
+    batch: per-image cost on CPU only falls with batch, so the estimate errs long, and measuring a
+    DenseNet at batch 64 on two busy cores would itself eat minutes of the budget.
+    """
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(build_model(name, len(data.class_names)), device, cfg.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    probe = max(2, min(batch_size, PROBE_BATCH, len(data.train_y)))
+    pixels = torch.from_numpy(resize_batch(data.train_x[:probe], size))
+    labels = torch.from_numpy(data.train_y[:probe])
+    prep = dataclasses.replace(data.preprocessing, image_size=size)
+    model.train()
+    step = lambda: _train_step(model, criterion, optimizer, prep, data.augment, pixels, labels, generator, device, precision, cfg.channels_last)  # noqa: E731
+    step()  # warm-up: allocator, kernel selection
+    steps, started = 0, time.perf_counter()
+    while steps < 3 and (steps == 0 or time.perf_counter() - started < 1.0):
+        step()
+        steps += 1
+    step_s = (time.perf_counter() - started) / steps * batch_size / probe
+    started = time.perf_counter()
+    predict_logits(model, pixels.numpy(), prep, device, "fp32", channels_last=cfg.channels_last)
+    eval_ips = probe / max(time.perf_counter() - started, 1e-6)
+    forward_images = min(cfg.precise_bn_images, len(data.train_y)) + math.ceil(len(data.val_y) / world_size)
+    epoch_s = (batches * step_s + forward_images / eval_ips) * repeats
+    return CandidateTiming(name, size, batch_size, round(step_s, 4), round(eval_ips, 1), round(epoch_s, 2))
+
+
+def planned_schedule(cfg: TrainerConfig, steps_per_epoch: int, epochs: int) -> TrainerConfig:
+    """The config a candidate trains with under a plan: ``epochs`` in all, warmup and patience shortened in
+    proportion (they keep their share of the schedule), and min_steps spent already (the plan counted it)."""
+    stretched = stretch_schedule(cfg, steps_per_epoch)
+    factor = epochs / stretched.epochs
+    return dataclasses.replace(
+        stretched,
+        epochs=epochs,
+        warmup_epochs=round(stretched.warmup_epochs * factor),
+        early_stopping_patience=math.ceil(stretched.early_stopping_patience * factor),
+        min_steps=0,
+    )
+
+
+def at_size(data: TrainingData, size: int) -> TrainingData:
+    """The training and validation images at ``size`` (the budget shrank the image), resized as ingestion resizes."""
+    if size == data.preprocessing.image_size:
+        return data
+    return dataclasses.replace(
+        data,
+        train_x=resize_batch(data.train_x, size),
+        val_x=resize_batch(data.val_x, size),
+        preprocessing=dataclasses.replace(data.preprocessing, image_size=size),
+    )
+
+
+def _train_step(
+    trained: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    preprocessing: Preprocessing,
+    augment: AugmentConfig,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+) -> torch.Tensor:
+    """One optimizer step on a uint8 batch: augment, normalise, forward, backward. Returns the loss."""
+    x = augment_batch(preprocessing.to_unit(pixels), augment, generator)
+    x = preprocessing.normalize(x).to(device, non_blocking=True)
+    y = labels.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        logits = trained(x)
+    loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str = "sqrt") -> torch.Tensor:
@@ -320,8 +485,12 @@ def fit(
     progress: ProgressFn | None = None,
     device: torch.device | None = None,
     dist: DistContext | None = None,
+    deadline: float | None = None,
 ) -> FitResult:
-    """Train one model; with ``dist`` every rank must call this with the same arguments."""
+    """Train one model; with ``dist`` every rank must call this with the same arguments.
+
+    ``deadline`` (time.monotonic()): stop once the next epoch, as long as the last one, would pass it.
+    """
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -372,7 +541,7 @@ def fit(
     best_score, best_epoch, best_state = -math.inf if higher_is_better else math.inf, 0, None
     best_loss = math.inf
     history: list[EpochRecord] = []
-    train_seconds, images_seen, stale, stopped_early = 0.0, 0, 0, False
+    train_seconds, images_seen, stale, stopped_early, stopped_by_budget = 0.0, 0, 0, False, False
 
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -381,21 +550,15 @@ def fit(
         else:
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler), dtype=torch.long)
+        epoch_started = time.monotonic()
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(range(batches), desc=f"{name} {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None if lead else True)
         for b in bar:
             index = order[b * batch_size : (b + 1) * batch_size]
-            x = augment_batch(data.preprocessing.to_unit(train_x[index]), data.augment, generator)
-            x = data.preprocessing.normalize(x).to(device, non_blocking=True)
-            y = train_y[index].to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                logits = trained(x)
-            loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = _train_step(
+                trained, criterion, optimizer, data.preprocessing, data.augment, train_x[index], train_y[index],
+                generator, device, precision, cfg.channels_last,
+            )
             if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()
             if ema is not None:
@@ -441,8 +604,10 @@ def fit(
         else:
             stale += 1
         stop = bool(cfg.early_stopping_patience and stale >= cfg.early_stopping_patience)
+        now = time.monotonic()
+        over_budget = deadline is not None and epoch < cfg.epochs and now + (now - epoch_started) > deadline
         if dist is not None:
-            stop = bool(distributed.broadcast_object(dist, stop, "the early-stopping decision"))
+            stop, over_budget = distributed.broadcast_object(dist, (stop, over_budget), "the early-stopping decision")
         if lead:
             logger.info(
                 "%s epoch %d/%d: loss %.4f, val loss %.4f, val acc %.4f, val auc %.4f, %.1f img/s%s",
@@ -456,6 +621,11 @@ def fit(
                 logger.info("%s: no improvement in %d epochs, stopping early", name, stale)
             stopped_early = True
             break
+        if over_budget:
+            if lead:
+                logger.info("%s: stopping after epoch %d of %d: another epoch would pass the time budget", name, epoch, cfg.epochs)
+            stopped_by_budget = True
+            break
 
     assert best_state is not None or not lead
     return FitResult(
@@ -468,6 +638,7 @@ def fit(
         precision=precision,
         device=str(device),
         stopped_early=stopped_early,
+        stopped_by_budget=stopped_by_budget,
     )
 
 

@@ -143,6 +143,51 @@ class CandidateModel:
     cv_fold_metrics: tuple[FoldScore, ...] = ()  # per-fold metrics when cv_folds >= 2
     cv_final_model: str | None = None  # retrain | best_fold, when cross-validated
     cv_retrain_epochs: int | None = None  # epochs of the retrain on train+val (mean best epoch over folds)
+    stopped_by_budget: bool = False  # the wall-clock guard ended it: the next epoch would have overrun trainer.time_budget
+
+
+@dataclass(frozen=True)
+class CandidateTiming:
+    """A few training steps of one candidate timed on this machine, before training (after a warm-up step)."""
+
+    name: str
+    image_size: int
+    batch_size: int  # per process
+    seconds_per_step: float  # forward + backward + optimizer step, augmentation included
+    eval_images_per_second: float  # forward passes: precise BatchNorm and validation
+    seconds_per_epoch: float  # steps + precise BatchNorm + validation (x folds + 1 when cross-validating)
+    measured: bool = True  # False: scaled by pixel count from a measurement at another size (measuring was too slow)
+
+
+@dataclass(frozen=True)
+class CandidatePlan:
+    name: str
+    wanted_epochs: int  # trainer.epochs, stretched by trainer.min_steps
+    planned_epochs: int  # what fits the budget
+    planned_seconds: float
+
+
+@dataclass(frozen=True)
+class DroppedCandidate:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How trainer.time_budget was spent: the measurements, the epochs per candidate, and every cut with its reason."""
+
+    time_budget_s: float
+    training_target_s: float  # training time left after measuring (TRAINING_SHARE of the budget, less planning)
+    capability: str  # Capability.describe() of the machine that measured
+    source_image_size: int  # the transformation's size
+    image_size: int  # the size trained at (smaller than the source when the budget demanded it)
+    steps_per_epoch: int
+    timings: tuple[CandidateTiming, ...]  # every measurement, including sizes later given up
+    candidates: tuple[CandidatePlan, ...]
+    dropped: tuple[DroppedCandidate, ...] = ()
+    decisions: tuple[str, ...] = ()  # image-size reductions and shortened schedules, in order
+    planning_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +196,7 @@ class ModelTrainerArtifact:
     architecture_input: dict[str, int]  # image_size, channels, num_classes
     candidates: tuple[CandidateModel, ...]
     cross_validation: dict[str, str] = field(default_factory=dict)  # summary_csv, summary_json, assignment_csv
+    plan: TrainingPlan | None = None  # None: trainer.time_budget is none
 
 
 @dataclass(frozen=True)
@@ -235,6 +281,7 @@ class ModelEvaluationArtifact:
     subgroups: tuple[SubgroupMetrics, ...] = ()
     model_card_json: str = ""  # run-relative paths of the model card
     model_card_markdown: str = ""
+    image_size: int = 0  # the size the models were trained and scored at (0: the transformation's)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto | bf16 | fp32
     channels_last: bool = True
     num_threads: int = 0  # 0: all cores
+    time_budget: str | float = "none"  # 90s | 10m | 1h | none (0): the whole training stage fits in it
     max_batches_per_epoch: int = 0  # 0: no limit (smoke runs and benchmarks)
     seed: int = 0
     cv_folds: int = 0  # >= 2: stratified k-fold on train+val for the candidate choice

@@ -1,0 +1,173 @@
+"""trainer.time_budget: the planner's arithmetic, the wall-clock guard, and a tiny real run that records its plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from xray.components.model_trainer import TrainingData, fit, planned_schedule
+from xray.components.training_budget import (
+    MIN_USEFUL_EPOCHS,
+    allocate_epochs,
+    candidate_deadline,
+    plan_training,
+)
+from xray.config import parse_duration
+from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, TrainingPlan
+from xray.entity.config_entity import AugmentConfig
+from xray.errors import ConfigError
+from xray.preprocessing import Preprocessing
+
+from .conftest import run_cli, tiny_args
+from .test_trainer import FAST, separable
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90s", 90.0), ("10m", 600.0), ("1h", 3600.0), ("1.5h", 5400.0), (120, 120.0), ("none", None), (0, None)],
+)
+def test_durations_parse(text: str | int, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10d", "-5m", "0s", "8 days"])
+def test_bad_durations_are_config_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="trainer.time_budget"):
+        parse_duration(text, "trainer.time_budget")
+
+
+def test_a_bad_budget_on_the_command_line_is_one_error_line(tmp_path: Path) -> None:
+    result = run_cli("train", "--data", "demo", *tiny_args(tmp_path / "artifacts", "trainer.time_budget=soon"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "xray: error: config: trainer.time_budget must look like 90s, 10m, 1h or none, got 'soon'"
+    ]
+
+
+def test_everything_fits_so_everyone_gets_the_schedule_they_want() -> None:
+    assert allocate_epochs(100.0, {"a": 1.0, "b": 2.0}, {"a": 30, "b": 30}) == {"a": 30, "b": 30}
+
+
+def test_a_cheap_candidate_passes_its_unused_share_on() -> None:
+    # 120 s: a wants 30 x 1 s (under its 60 s share), so b gets the other 90 s = 30 of its 3 s epochs... at most 30.
+    assert allocate_epochs(120.0, {"a": 1.0, "b": 3.0}, {"a": 30, "b": 100}) == {"a": 30, "b": 30}
+    # Both over their share: equal time each (50 s), floored to whole epochs.
+    assert allocate_epochs(100.0, {"a": 2.0, "b": 3.0}, {"a": 100, "b": 100}) == {"a": 25, "b": 16}
+    assert allocate_epochs(-5.0, {"a": 1.0}, {"a": 10}) == {"a": 0}
+
+
+def timing(name: str, size: int, epoch_s: float) -> CandidateTiming:
+    return CandidateTiming(name, size, 64, epoch_s / 3, 50.0, epoch_s)
+
+
+def fake_measure(per_epoch_at_128: dict[str, float], calls: list[tuple[str, int]]):
+    """Epoch seconds that scale with the pixel count, as convolutions do."""
+
+    def measure(name: str, size: int) -> CandidateTiming:
+        calls.append((name, size))
+        return timing(name, size, per_epoch_at_128[name] * (size / 128) ** 2)
+
+    return measure
+
+
+def test_the_image_shrinks_before_any_candidate_is_dropped() -> None:
+    calls: list[tuple[str, int]] = []
+    plan = plan_training(
+        ["simple_cnn", "densenet121"], wanted_epochs=100, image_size=128, steps_per_epoch=3, budget_s=300,
+        measure=fake_measure({"simple_cnn": 2.0, "densenet121": 32.0}, calls), remaining_s=lambda: 240.0,
+    )
+    # At 128 px densenet121 gets 10 s ... 240 - 2*100... : (240 - 0)/2 = 120 s share -> 3 epochs < floor; at 96 px
+    # an epoch costs 18 s: simple_cnn takes 100 x 1.125 = 112.5 s, densenet121 gets 127.5 s = 7 epochs < floor;
+    # at 64 px (8 s) simple_cnn takes 50 s, densenet121 gets 190 s = 23 epochs.
+    assert plan.image_size == 64 and plan.source_image_size == 128
+    assert [c.planned_epochs for c in plan.candidates] == [100, 23]
+    assert calls == [(n, s) for s in (128, 96, 64) for n in ("simple_cnn", "densenet121")]
+    assert len(plan.timings) == 6 and plan.dropped == ()
+    assert plan.decisions[0].startswith("image size 128 -> 96 px: densenet121 would get")
+    assert plan.decisions[1].startswith("image size 96 -> 64 px")
+    assert plan.decisions[2] == "densenet121: 23 of 100 epochs fit the budget"
+
+
+def test_the_most_expensive_candidate_is_dropped_when_shrinking_is_not_enough() -> None:
+    calls: list[tuple[str, int]] = []
+    plan = plan_training(
+        ["simple_cnn", "densenet121"], wanted_epochs=30, image_size=32, steps_per_epoch=74, budget_s=60,
+        measure=fake_measure({"simple_cnn": 16.0, "densenet121": 640.0}, calls), remaining_s=lambda: 50.0,
+    )
+    # 32 px is MedMNIST size: never shrunk. densenet121 (40 s/epoch) cannot get 10 epochs in 25 s: dropped.
+    assert plan.image_size == 32 and calls == [("simple_cnn", 32), ("densenet121", 32)]
+    assert [d.name for d in plan.dropped] == ["densenet121"]
+    assert "most expensive" in plan.dropped[0].reason
+    assert [(c.name, c.planned_epochs) for c in plan.candidates] == [("simple_cnn", 30)]
+
+
+def test_a_lone_candidate_that_cannot_reach_the_floor_still_trains_what_fits() -> None:
+    plan = plan_training(
+        ["densenet121"], wanted_epochs=50, image_size=64, steps_per_epoch=3, budget_s=60,
+        measure=fake_measure({"densenet121": 40.0}, []), remaining_s=lambda: 50.0,
+    )
+    assert plan.candidates[0].planned_epochs == 5 < MIN_USEFUL_EPOCHS  # 10 s per epoch at 64 px
+    assert "nothing left to cut" in plan.decisions[0]
+
+
+def test_a_short_schedule_keeps_warmup_and_patience_as_a_share() -> None:
+    cfg = dataclasses.replace(FAST, epochs=30, min_steps=400, warmup_epochs=1, early_stopping_patience=10)
+    planned = planned_schedule(cfg, steps_per_epoch=3, epochs=20)  # min_steps wants 134 epochs
+    assert (planned.epochs, planned.warmup_epochs, planned.early_stopping_patience, planned.min_steps) == (20, 1, 7, 0)
+    full = planned_schedule(cfg, steps_per_epoch=3, epochs=134)
+    assert (full.epochs, full.warmup_epochs, full.early_stopping_patience) == (134, 4, 45)
+
+
+def test_the_time_left_is_shared_by_the_candidates_still_to_train() -> None:
+    plan = TrainingPlan(
+        time_budget_s=100, training_target_s=85, capability="", source_image_size=32, image_size=32, steps_per_epoch=1,
+        timings=(), candidates=(CandidatePlan("a", 10, 10, 20.0), CandidatePlan("b", 10, 10, 60.0)),
+    )
+    assert candidate_deadline(plan, "a", now=0.0, stage_deadline=80.0) == pytest.approx(20.0)
+    assert candidate_deadline(plan, "b", now=30.0, stage_deadline=80.0) == pytest.approx(80.0)  # a ran long: b gets the rest
+
+
+def test_fit_stops_at_the_deadline() -> None:
+    train_x, train_y = separable(16, 0)
+    val_x, val_y = separable(8, 1)
+    data = TrainingData(
+        train_x, train_y, val_x, val_y, ("left", "right"),
+        Preprocessing(image_size=16, mean=0.5, std=0.25), AugmentConfig(hflip=False, rotation_degrees=0),
+    )
+    result = fit("simple_cnn", data, dataclasses.replace(FAST, epochs=50, precision="fp32"), deadline=time.monotonic())
+    assert len(result.history) == 1 and result.stopped_by_budget and not result.stopped_early
+
+
+def test_a_tiny_budget_is_planned_recorded_and_respected(tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    result = run_cli(
+        "train", "--data", "demo",
+        *tiny_args(artifacts, "trainer.epochs=1000", "trainer.time_budget=4s", "trainer.precise_bn_images=16"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = [p for p in artifacts.iterdir() if (p / "manifest.json").is_file()]
+    trainer = json.loads((run_dir / "model_trainer" / "artifact.json").read_text())
+    plan = trainer["plan"]
+    assert plan["time_budget_s"] == 4.0 and plan["image_size"] == 32 and "cpu:" in plan["capability"]
+    assert [t["name"] for t in plan["timings"]] == ["simple_cnn"] and plan["timings"][0]["seconds_per_step"] > 0
+    (planned,) = plan["candidates"]
+    assert planned["wanted_epochs"] == 1000 and 1 <= planned["planned_epochs"] < 1000  # 1000 epochs never fit in 4 s
+    (candidate,) = trainer["candidates"]
+    assert len(candidate["history"]) <= planned["planned_epochs"]
+    assert "time budget 4s: simple_cnn" in result.stderr
+
+
+def test_where_measuring_was_slow_smaller_sizes_are_scaled_not_measured_again() -> None:
+    calls: list[tuple[str, int]] = []
+    plan = plan_training(
+        ["simple_cnn", "densenet121"], wanted_epochs=100, image_size=128, steps_per_epoch=3, budget_s=1e-9,
+        measure=fake_measure({"simple_cnn": 2.0, "densenet121": 32.0}, calls), remaining_s=lambda: 240.0,
+    )
+    assert calls == [("simple_cnn", 128), ("densenet121", 128)]
+    assert plan.image_size == 64 and [c.planned_epochs for c in plan.candidates] == [100, 23]
+    assert [t.measured for t in plan.timings] == [True, True, False, False, False, False]
+    assert plan.timings[-1].seconds_per_epoch == 8.0 and plan.timings[-1].image_size == 64
