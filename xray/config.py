@@ -26,6 +26,8 @@ _CHOICES = {
     "trainer.monitor": ("roc_auc", "accuracy", "loss"),
     "trainer.cv_final_model": ("retrain", "best_fold"),
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),
+    "evaluation.ensemble": ("auto", "always", "off"),
+    "evaluation.tta": ("auto", "on", "off"),
 }
 
 
@@ -119,6 +121,30 @@ def validate(config: PipelineConfig) -> None:
         raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")
     if trainer.cv_folds == 1 or trainer.cv_folds < 0:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
+    _validate_evaluation(config)
+    augment = config.transformation.augment
+    for key, value, top in (("gamma", augment.gamma, 3.0), ("blur", augment.blur, 5.0), ("noise", augment.noise, 0.5)):
+        if not 0 <= value <= top:
+            raise ConfigError(f"config: transformation.augment.{key} must be between 0 (off) and {top}, got {value}")
+
+
+def _validate_evaluation(config: PipelineConfig) -> None:
+    ev = config.evaluation
+    if ev.bootstrap_resamples < 100:
+        raise ConfigError(f"config: evaluation.bootstrap_resamples must be at least 100, got {ev.bootstrap_resamples}")
+    if not 0.5 <= ev.bootstrap_level < 1:
+        raise ConfigError(f"config: evaluation.bootstrap_level must be in [0.5, 1), got {ev.bootstrap_level}")
+    if ev.external is None:
+        if ev.external_classes:
+            raise ConfigError("config: evaluation.external_classes is set but evaluation.external is not")
+        return
+    if ev.external.startswith("s3://") or not Path(ev.external).is_dir():
+        raise ConfigError(f"config: evaluation.external must be a local folder of CLASS/ subfolders, got {ev.external!r}")
+    if len(ev.external_classes) < 2:
+        raise ConfigError(
+            "config: evaluation.external needs evaluation.external_classes mapping each model class to a subfolder, "
+            'e.g. {normal: Normal, pneumonia: "Viral Pneumonia"}'
+        )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Running a model: device and precision choice, batched prediction.
 
 Evaluation, the trainer's validation pass and the Bento service all predict
-through ``predict_proba`` so their numbers agree by construction.
+through ``predict_proba`` so their numbers agree by construction; test-time
+augmentation (``tta``) lives here for the same reason: evaluation decides
+whether it helps and serving repeats exactly that.
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
+TTA_VIEWS = ("hflip",)
+
+
+def tta_view(pixels: np.ndarray, view: str) -> np.ndarray:
+    """One test-time view of uint8 ``N×H×W`` images; ``hflip`` mirrors them, as training's augmentation does."""
+    if view == "hflip":
+        return np.ascontiguousarray(pixels[:, :, ::-1])
+    raise ValueError(f"unknown test-time view {view!r} (known: {', '.join(TTA_VIEWS)})")
+
+
 def predict_proba(
     model: nn.Module,
     pixels: np.ndarray,
@@ -84,6 +96,12 @@ def predict_proba(
     precision: str = "fp32",
     batch_size: int = 128,
     channels_last: bool = True,
+    tta: tuple[str, ...] = (),
 ) -> np.ndarray:
-    logits = predict_logits(model, pixels, preprocessing, device, precision, batch_size, channels_last)
-    return torch.softmax(logits, dim=1).numpy()
+    """Class probabilities; with ``tta`` views, the mean over the plain image and each view."""
+    views = [pixels] + [tta_view(pixels, view) for view in tta]
+    probs = [
+        torch.softmax(predict_logits(model, v, preprocessing, device, precision, batch_size, channels_last), dim=1).numpy()
+        for v in views
+    ]
+    return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)

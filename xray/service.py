@@ -44,7 +44,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
 from xray.inference import choose_device, choose_precision
-from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, load_pixels
+from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, load_for_model
 from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
 
 logger = logging.getLogger(__name__)
@@ -332,6 +332,8 @@ class XrayClassifier:
             "model": self.tag,
             "created": self.created,
             "architecture": spec.architecture,
+            "members": list(spec.members),
+            "tta": list(spec.tta),
             "class_names": list(spec.class_names),
             "image_size": spec.preprocessing.image_size,
             "preprocessing": asdict(spec.preprocessing),
@@ -378,7 +380,7 @@ class XrayClassifier:
         try:
             data = image.read_bytes()
             return await anyio.to_thread.run_sync(
-                load_pixels, data, self.image_size, SETTINGS.max_pixels, limiter=self._decode_limiter
+                load_for_model, data, self.spec.preprocessing, SETTINGS.max_pixels, limiter=self._decode_limiter
             )
         except ImageTooLargeError as exc:
             return error_response(413, str(exc))

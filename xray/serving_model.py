@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
-from xray.models import build_model, load_checkpoint
+from xray.models import ENSEMBLE, build_ensemble, build_model, load_checkpoint
 from xray.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
 
@@ -41,6 +41,8 @@ class ModelSpec:
     data_fingerprint: str
     weights_sha256: str
     metrics: dict[str, Any]
+    members: tuple[str, ...] = ()  # architecture "ensemble": the members' architectures, in state_dict order
+    tta: tuple[str, ...] = ()  # test-time views averaged with the plain image (chosen on validation)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class LoadedModel:
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return predict_proba(
-            self.inference_model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size
+            self.inference_model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size,
+            tta=self.spec.tta,
         )
 
 
@@ -72,11 +75,18 @@ def read_spec(path: Path) -> ModelSpec:
     return from_mapping(ModelSpec, json.loads((Path(path) / SPEC).read_text()))
 
 
+def build_for_spec(spec: ModelSpec) -> nn.Module:
+    """An untrained model of the spec's shape: one architecture, or an ensemble of its members."""
+    if spec.architecture == ENSEMBLE:
+        return build_ensemble(spec.members, len(spec.class_names), spec.preprocessing.channels)
+    return build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
+
+
 def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> LoadedModel:
     """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it)."""
     path = Path(path)
     spec = read_spec(path)
-    model = build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
+    model = build_for_spec(spec)
     load_checkpoint(model, path / WEIGHTS)
     device = choose_device()
     model = prepare_model(model, device).eval()

@@ -127,13 +127,13 @@ class LocalPredictor:
 
     def predict(self, data: bytes, filename: str, content_type: str | None) -> PredictionResult:
         from xray.explain import gradcam_overlays
-        from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, load_pixels
+        from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, load_for_model
 
         with self._lock:
             tag, loaded = self._model()
             spec = loaded.spec
             try:
-                pixels = load_pixels(data, spec.preprocessing.image_size, self.max_pixels or DEFAULT_MAX_PIXELS)
+                pixels = load_for_model(data, spec.preprocessing, self.max_pixels or DEFAULT_MAX_PIXELS)
             except ImageDecodeError as exc:
                 raise BadUpload(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))) from None
             probabilities = loaded.predict_proba(pixels[None])[0]

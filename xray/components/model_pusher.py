@@ -125,15 +125,21 @@ def _push_to_bentoml(
         data_fingerprint=ingestion.data_fingerprint,
         weights_sha256=sha256_file(checkpoint),
         metrics=metrics,
+        members=best.members,
+        tta=best.tta,
     )
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
+    if best.members:
+        labels["members"] = "+".join(best.members)
     metadata = {
         "class_names": list(spec.class_names),
         "architecture": spec.architecture,
         "image_size": spec.preprocessing.image_size,
         "normalization": {"mean": spec.preprocessing.mean, "std": spec.preprocessing.std},
         "grayscale": True,
+        "members": list(spec.members),
+        "tta": list(spec.tta),
         "run_id": run_dir.run_id,
         "data_uri": ingestion.source_uri,
         "data_fingerprint": ingestion.data_fingerprint,

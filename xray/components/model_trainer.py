@@ -107,6 +107,9 @@ def preprocessing_of(transformation: DataTransformationArtifact) -> Preprocessin
         mean=transformation.normalization["mean"],
         std=transformation.normalization["std"],
         channels=transformation.channels,
+        source_crop=transformation.source_crop,
+        source_size=transformation.source_size,
+        source_filter=transformation.source_filter,
     )
 
 

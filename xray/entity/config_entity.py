@@ -36,6 +36,9 @@ class AugmentConfig:
     scale: float = 0.10
     brightness: float = 0.10
     contrast: float = 0.10
+    gamma: float = 0.0  # log-uniform gamma in [1/(1+g), 1+g]: another scanner's tone curve
+    blur: float = 0.0  # Gaussian blur, sigma up to this many pixels, on half the images: softer detectors
+    noise: float = 0.0  # Gaussian noise, std up to this (on the 0..1 scale): noisier exposures
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ class EvaluationConfig:
     selection_metric: str = "roc_auc"  # chosen on validation; test stays an honest estimate
     gradcam_per_class: int = 3
     calibration_bins: int = 15
+    ensemble: str = "auto"  # auto: averaged candidates win when validation cannot tell the best two apart | always | off
+    bootstrap_resamples: int = 1000  # paired stratified bootstrap over validation for "cannot tell apart"
+    bootstrap_level: float = 0.95  # the interval's coverage
+    tta: str = "auto"  # test-time hflip averaging: auto (kept per model where it helps validation) | on | off
+    external: str | None = None  # a folder of CLASS/ subfolders from another source, scored like /predict
+    external_classes: dict[str, str] = field(default_factory=dict)  # model class -> subfolder of external
 
 
 @dataclass(frozen=True)
