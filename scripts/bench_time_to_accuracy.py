@@ -65,13 +65,13 @@ def carve(data: Path, out: Path, fraction: float, seed: int) -> tuple[Path, Path
     return out / "train", out / "holdout", digest
 
 
-def run_seed(train: Path, holdout: Path, epochs: int) -> dict:
+def run_seed(train: Path, holdout: Path, epochs: int, max_batches: int = 0) -> dict:
     script = SHARED / "reference" / "seed_train_loop.py"
+    command = [sys.executable, str(script), str(train), "--test", str(holdout), "--epochs", str(epochs)]
+    if max_batches:
+        command += ["--max-batches", str(max_batches)]
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(script), str(train), "--test", str(holdout), "--epochs", str(epochs)],
-        capture_output=True, text=True,
-    )
+    proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"seed recipe failed:\n{proc.stderr[-3000:]}")
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--holdout-fraction", type=float, default=0.25)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seed-epochs", type=int, default=15, help="the seed recipe's epochs (15: the reported figure)")
+    parser.add_argument("--seed-max-batches", type=int, default=0, help="batches per seed epoch (0: all; smoke runs)")
     parser.add_argument("--seed-result", type=Path, help="JSON file: reuse the seed run stored there (same carve and "
                         "epochs, checked) or store this run's seed result there")
     parser.add_argument("--skip-xray", action="store_true", help="run the seed side only (to fill --seed-result)")
@@ -162,12 +163,13 @@ def main() -> None:
         seed = None
         if args.seed_result and args.seed_result.exists():
             stored = json.loads(args.seed_result.read_text())
-            if stored.get("holdout_digest") == digest and stored.get("epochs") == args.seed_epochs:
+            same = (stored.get("holdout_digest"), stored.get("epochs"), stored.get("max_batches", 0))
+            if same == (digest, args.seed_epochs, args.seed_max_batches):
                 seed = stored
                 print(f"seed: reusing {args.seed_result} (measured {stored['measured_at']} on {stored['cpu']})", flush=True)
         if seed is None:
-            seed = run_seed(train, holdout, args.seed_epochs)
-            seed.update(holdout_digest=digest, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), cpu=cpu_kind())
+            seed = run_seed(train, holdout, args.seed_epochs, args.seed_max_batches)
+            seed.update(max_batches=args.seed_max_batches, holdout_digest=digest, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), cpu=cpu_kind())
             if args.seed_result:
                 args.seed_result.parent.mkdir(parents=True, exist_ok=True)
                 args.seed_result.write_text(json.dumps(seed, indent=2) + "\n")
@@ -184,7 +186,7 @@ def main() -> None:
           f"   ({round(seed['holdout_acc'] * n_hold)}/{n_hold} vs {ours['holdout_correct']}/{n_hold})")
     print(f"time ratio (seed / xray wall): {seed['wall_s'] / ours['wall_s']:.2f}x; "
           f"xray chose {ours['chosen']} at {ours['image_size']} px ({ours['selection']})")
-    if args.overrides or args.seed_epochs != 15:
+    if args.overrides or args.seed_epochs != 15 or args.seed_max_batches:
         print("note: not the reported figure (overrides or a shortened seed recipe)")
 
 

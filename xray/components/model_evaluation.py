@@ -27,7 +27,7 @@ from xray.entity.artifact_entity import (
     ModelTrainerArtifact,
     SplitMetrics,
 )
-from xray.entity.config_entity import PipelineConfig
+from xray.entity.config_entity import EvaluationConfig, PipelineConfig
 from xray.explain import gradcam_overlays
 from xray import selection
 from xray.external import ExternalSet, load_external
@@ -151,7 +151,10 @@ def run(
 class _Scorer:
     """Scores each model on validation and test with one TTA decision per model, made on validation."""
 
-    def __init__(self, arrays, preprocessing: Preprocessing, device: torch.device, classes: tuple[str, ...], cfg) -> None:
+    def __init__(
+        self, arrays: dict[str, np.ndarray], preprocessing: Preprocessing, device: torch.device,
+        classes: tuple[str, ...], cfg: EvaluationConfig,
+    ) -> None:
         self.arrays, self.preprocessing, self.device, self.classes, self.cfg = arrays, preprocessing, device, classes, cfg
         self.scores: dict[str, CandidateEvaluation] = {}
         self.val_probs: dict[str, np.ndarray] = {}
@@ -194,7 +197,7 @@ def decide_ensemble(
     best: CandidateEvaluation,
     val_probs: dict[str, np.ndarray],
     val_y: np.ndarray,
-    cfg,
+    cfg: EvaluationConfig,
     cv_means: dict[str, float] | None = None,
 ) -> EnsembleDecision:
     """The ensemble wins when a bootstrap over validation cannot tell the two best members apart."""
@@ -212,8 +215,7 @@ def decide_ensemble(
         chosen, reason = True, f"chosen: validation cannot tell the best members apart ({interval} reaches 0)"
     else:
         chosen, reason = False, f"not chosen: {best.name} is better beyond resampling noise ({interval} excludes 0)"
-    fields = {k: v for k, v in dataclasses.asdict(comparison).items()}
-    return EnsembleDecision(chosen=chosen, reason=reason, **fields)
+    return EnsembleDecision(chosen=chosen, reason=reason, **dataclasses.asdict(comparison))
 
 
 def metric_value(metrics: SplitMetrics, metric: str) -> float:
