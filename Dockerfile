@@ -10,6 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     BENTOML_DO_NOT_TRACK=true \
     BENTOML_HOME=/data/bentoml \
     XRAY_ARTIFACTS_DIR=/data/artifacts \
+    XRAY_KEYS_DIR=/data/keys \
     XRAY_EXCLUSIVE_ARTIFACTS=true
 
 # tini as PID 1: forwards signals to uvicorn and reaps whatever a dead training worker leaves behind.
@@ -32,8 +33,9 @@ RUN sed '/^# tests/,$d' requirements.txt > /tmp/requirements-runtime.txt \
 COPY . .
 RUN pip install --no-deps . \
     && useradd --create-home --uid 10001 xray \
-    && mkdir -p /data/artifacts /data/bentoml \
-    && chown -R xray:xray /data
+    && mkdir -p /data/artifacts /data/bentoml /data/keys \
+    && chown -R xray:xray /data \
+    && chmod 700 /data/keys
 
 USER xray
 VOLUME ["/data"]

@@ -69,7 +69,7 @@ def push_densenet(home: Path) -> str:
 
     from xray.models import build_model
     from xray.preprocessing import Preprocessing
-    from xray.serving_model import ModelSpec, write_model_dir
+    from xray.serving_model import DEFAULT_MODEL_NAME, ModelSpec, write_model_dir
 
     torch.manual_seed(0)
     model = build_model("densenet121", len(CLASSES))
@@ -82,7 +82,7 @@ def push_densenet(home: Path) -> str:
         weights_sha256="",
         metrics={},
     )
-    with bentoml.models.create("xray-classifier", labels={"stage": "bench"}, metadata={}) as stored:
+    with bentoml.models.create(DEFAULT_MODEL_NAME, labels={"stage": "bench"}, metadata={}) as stored:
         checkpoint = Path(stored.path) / "random.pt"
         torch.save(model.state_dict(), checkpoint)
         write_model_dir(Path(stored.path), spec, checkpoint)

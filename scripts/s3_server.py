@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xray.errors import XrayError  # noqa: E402
-from xray.sources import seaweedfs  # noqa: E402
+from scripts import seaweedfs  # noqa: E402
 
 logger = logging.getLogger("s3_server")
 

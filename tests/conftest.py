@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,26 @@ TINY = [
 
 def needs_shared(path: Path) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not path.exists(), reason=f"shared dataset not found at {path} (../shared is absent)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signing_keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One run-sealing key and one BentoML home for the session, never the developer's ~/.config/xray or ~/bentoml.
+
+    Session-scoped: module fixtures that train runs start before any function-scoped fixture, and every
+    run and every verify must agree on the key.
+    """
+    keys = tmp_path_factory.mktemp("xray-keys")
+    names = ("XRAY_KEYS_DIR", "XRAY_SIGNING_KEY", "BENTOML_HOME")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ["XRAY_KEYS_DIR"] = str(keys)
+    os.environ["BENTOML_HOME"] = str(tmp_path_factory.getbasetemp() / "bentoml-home")
+    try:
+        yield keys
+    finally:
+        for name in names:
+            os.environ.pop(name, None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ import pytest
 from botocore.config import Config
 from PIL import Image
 
-from xray.sources import seaweedfs
+from scripts import seaweedfs
 from xray.sources.s3 import S3Settings
 
 TEST_BUCKET = "xray-test"

@@ -92,7 +92,8 @@ def test_train_end_to_end(server: AppServer, trained: dict) -> None:
         manifest = client.get(f"/runs/{run_id}/artifacts/manifest.json")
         assert manifest.status_code == 200 and manifest.json()["status"] == "succeeded"
         verify = client.get(f"/runs/{run_id}/verify").json()
-        assert verify["ok"] and verify["checked"] > 5
+        assert verify["ok"] and verify["sealed"] and verify["checked"] > 5
+        assert verify["evidence_digest"] and "signature and ledger entry valid" in verify["message"]
     out = run_cli("runs", "--artifacts", str(server.artifacts), "list", timeout=60)
     assert out.returncode == 0, out.stderr
     assert run_id in out.stdout and "succeeded" in out.stdout

@@ -3,6 +3,7 @@ augmentation through one shared path, the MedMNIST preprocessing contract and th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,6 +36,10 @@ PRE = Preprocessing(image_size=32, mean=0.5, std=0.25)
 def _members(num_classes: int = 3) -> list[torch.nn.Module]:
     torch.manual_seed(0)
     return [prepare_model(build_model(name, num_classes), CPU).eval() for name in ("simple_cnn", "densenet121")]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _pixels(n: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -107,7 +112,7 @@ def test_tta_is_one_path_for_evaluation_and_serving(tmp_path: Path) -> None:
 
     checkpoint = tmp_path / "w.pt"
     torch.save(model.state_dict(), checkpoint)
-    spec = ModelSpec("simple_cnn", ("a", "b"), PRE, "run", "fp", "sha", {}, tta=("hflip",))
+    spec = ModelSpec("simple_cnn", ("a", "b"), PRE, "run", "fp", _sha256(checkpoint), {}, tta=("hflip",))
     write_model_dir(tmp_path, spec, checkpoint)
     served = load_model_dir(tmp_path, "fp32")
     np.testing.assert_allclose(served.predict_proba(pixels), expected, atol=1e-5)
@@ -134,7 +139,7 @@ def test_served_ensemble_round_trips_through_the_model_dir(tmp_path: Path) -> No
     ensemble = Ensemble(members, ("simple_cnn", "densenet121"))
     checkpoint = tmp_path / "ensemble.pt"
     torch.save(ensemble.state_dict(), checkpoint)
-    spec = ModelSpec("ensemble", ("a", "b"), PRE, "run", "fp", "sha", {}, members=("simple_cnn", "densenet121"))
+    spec = ModelSpec("ensemble", ("a", "b"), PRE, "run", "fp", _sha256(checkpoint), {}, members=("simple_cnn", "densenet121"))
     write_model_dir(tmp_path, spec, checkpoint)
     loaded = load_model_dir(tmp_path, "fp32")
     assert isinstance(loaded.model, Ensemble) and len(loaded.model.members) == 2

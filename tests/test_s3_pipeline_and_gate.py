@@ -113,3 +113,35 @@ def test_s3_errors_fail_the_run_cleanly(s3_dataset, tmp_path: Path) -> None:
         assert fragment in result.stderr.lower() or fragment in result.stderr
         manifest = load_manifest(artifacts, run_id)
         assert manifest.status == "failed" and manifest.reason
+
+
+def test_push_is_atomic_when_the_s3_copy_fails(s3_dataset, tmp_path: Path) -> None:
+    """S3 first, the store last: a push whose S3 copy fails leaves the store and `latest` as they were."""
+    _, env = s3_dataset
+    bentoml_home = tmp_path / "bentoml"
+    env = {**env, "BENTOML_HOME": str(bentoml_home)}
+    artifacts = tmp_path / "artifacts"
+    models = bentoml_home / "models" / "xray-classifier"
+
+    first = run_cli("train", "--data", "demo", *tiny_args(artifacts, f"push.s3_uri=s3://{TEST_BUCKET}/models"), env=env)
+    assert first.returncode == 0, first.stderr
+    pusher = load_stage_artifact(artifacts, load_manifest(artifacts, run_id_of(first.stdout)), "model_pusher")
+    assert pusher.pushed and len(pusher.s3_uris) == 3
+    before = {p.name: sha256_file(p) if p.is_file() else None for p in models.iterdir()}
+    latest = (models / "latest").read_text()
+
+    # The same run (stages reused from the cache) pushing to a bucket that does not exist.
+    missing_bucket = "push.s3_uri=s3://no-such-bucket-xray/models"
+    failed = run_cli("train", "--data", "demo", *tiny_args(artifacts, missing_bucket), env=env)
+    assert failed.returncode == 2, failed.stderr
+    assert "Traceback" not in failed.stderr
+    run_id = run_id_of(failed.stdout)
+    manifest = load_manifest(artifacts, run_id)
+    assert manifest.status == "failed"
+    assert "model not added to the store: S3 copy to s3://no-such-bucket-xray/models/" in manifest.reason
+    assert {p.name: sha256_file(p) if p.is_file() else None for p in models.iterdir()} == before
+    assert (models / "latest").read_text() == latest
+    # The failed run is sealed too, evidence seal included, and verifies intact.
+    verify = run_cli("runs", "--artifacts", str(artifacts), "verify", run_id)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "evidence sealed before the push" in verify.stdout

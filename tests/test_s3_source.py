@@ -29,7 +29,7 @@ from tests.s3_fixtures import (  # noqa: F401 - fixtures are used by name
     unique_prefix,
 )
 from xray.errors import SourceError
-from xray.sources import seaweedfs
+from scripts import seaweedfs
 from xray.sources.s3 import (
     INDEX_NAME,
     LOCK_NAME,

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from xray.config import DEFAULT_CONFIG_PATH, load_config
@@ -19,10 +20,12 @@ from xray.errors import XrayError
 logger = logging.getLogger("xray")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, after_run: Callable[[], None] | None = None) -> int:
+    """``after_run`` is called once ``xray train`` has finished (and sealed) its run, before it prints."""
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.after_run = after_run
     _setup_logging(args.quiet)
     try:
         return args.handler(args)
@@ -61,9 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_runs_show)
-    verify = runs_sub.add_parser("verify", help="re-hash every file a run records", parents=[artifacts_option])
+    verify = runs_sub.add_parser(
+        "verify", help="check a run's seal, its ledger entry and every file; exit 1 naming each problem",
+        parents=[artifacts_option],
+    )
     verify.add_argument("run_id")
+    verify.add_argument("--public-key", type=Path, default=None, metavar="PEM",
+                        help="the sealing public key (default: the local signing key's, see `xray keys export`)")
     verify.set_defaults(handler=cmd_runs_verify)
+
+    keys = sub.add_parser("keys", help="the run-sealing key")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    export = keys_sub.add_parser("export", help="print (or write) the public key that verifies sealed runs")
+    export.add_argument("--out", type=Path, default=None, help="write the PEM here instead of printing it")
+    export.set_defaults(handler=cmd_keys_export)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -84,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
     config = load_config(config_path, args.overrides, data_uri=args.data)
     result = run_pipeline(config, run_id=args.run_id)
+    if args.after_run is not None:
+        args.after_run()
     if result.rank != 0:  # a torchrun worker: rank 0 reports the run; a worker only reports its own failure
         if result.status == "failed":
             print(f"xray: error: rank {result.rank}: {result.reason}", file=sys.stderr)
@@ -160,15 +176,35 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_verify(args: argparse.Namespace) -> int:
-    from xray.store import verify_run
+    """Exit 0: intact; 1: a problem (each named on stdout); 3: the run is still going, not sealed yet."""
+    from xray.seal import verify_run
 
-    problems, checked = verify_run(_artifacts_root(args), args.run_id)
-    for problem in problems:
+    result = verify_run(_artifacts_root(args), args.run_id, args.public_key)
+    if not result.sealed and result.ok:
+        print(result.message)
+        return 3
+    for problem in result.problems:
         print(problem)
-    if problems:
-        print(f"run {args.run_id}: {len(problems)} problem(s) in {checked} recorded files", file=sys.stderr)
+    if result.problems:
+        print(f"run {args.run_id}: {len(result.problems)} problem(s); do not trust this run", file=sys.stderr)
         return 1
-    print(f"run {args.run_id}: all {checked} recorded files match their sha256")
+    print(result.message)
+    return 0
+
+
+def cmd_keys_export(args: argparse.Namespace) -> int:
+    from xray.keys import load_signing_key
+
+    key = load_signing_key()
+    pem = key.public.pem()
+    if args.out is None:
+        sys.stdout.write(pem.decode())
+        return 0
+    try:
+        args.out.write_bytes(pem)
+    except OSError as exc:
+        raise XrayError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    print(f"wrote the public key (id {key.public.key_id[:16]}) to {args.out}; the private key stays at {key.path}")
     return 0
 
 

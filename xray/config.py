@@ -11,13 +11,11 @@ from typing import Any, Iterable
 
 import yaml
 
-from xray.entity.config_entity import PipelineConfig
+from xray.entity.config_entity import CANDIDATES, PipelineConfig
 from xray.errors import ConfigError
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 DEFAULT_CONFIG_PATH = Path("config/pipeline.yaml")
-
-CANDIDATES = ("simple_cnn", "densenet121", "densenet169", "densenet201")
 _CHOICES = {
     "ingestion.leakage": ("warn", "fail"),
     "trainer.scheduler": ("cosine", "plateau"),

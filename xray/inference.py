@@ -12,6 +12,7 @@ import contextlib
 import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,15 +94,12 @@ def predict_proba(
     pixels: np.ndarray,
     preprocessing: Preprocessing,
     device: torch.device,
-    precision: str = "fp32",
-    batch_size: int = 128,
-    channels_last: bool = True,
+    *args: Any,
     tta: tuple[str, ...] = (),
+    **kwargs: Any,
 ) -> np.ndarray:
-    """Class probabilities; with ``tta`` views, the mean over the plain image and each view."""
+    """Class probabilities, softmax of ``predict_logits`` (further arguments are its own: precision,
+    batch_size, ...); with ``tta`` views, the mean over the plain image and each view."""
     views = [pixels] + [tta_view(pixels, view) for view in tta]
-    probs = [
-        torch.softmax(predict_logits(model, v, preprocessing, device, precision, batch_size, channels_last), dim=1).numpy()
-        for v in views
-    ]
+    probs = [torch.softmax(predict_logits(model, v, preprocessing, device, *args, **kwargs), dim=1).numpy() for v in views]
     return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)

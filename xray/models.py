@@ -14,14 +14,16 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from xray.entity.config_entity import CANDIDATES
 from xray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# torchvision's builder and ImageNet weights for every DenseNet candidate the config allows.
 _DENSENETS = {
-    "densenet121": (tv_models.densenet121, tv_models.DenseNet121_Weights.IMAGENET1K_V1),
-    "densenet169": (tv_models.densenet169, tv_models.DenseNet169_Weights.IMAGENET1K_V1),
-    "densenet201": (tv_models.densenet201, tv_models.DenseNet201_Weights.IMAGENET1K_V1),
+    name: (tv_models.get_model_builder(name), tv_models.get_model_weights(name).IMAGENET1K_V1)
+    for name in CANDIDATES
+    if name.startswith("densenet")
 }
 
 
@@ -132,7 +134,7 @@ def gradcam_target_layers(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, Ensemble):
         return [layer for member in model.members for layer in gradcam_target_layers(member)]
     if isinstance(model, SimpleCNN):
-        return [model.features[-1][-3]]  # last block's final ReLU, before pooling
+        return [model.features[-1][-3]]  # last block's final BatchNorm (its ReLU is in-place), before pooling
     return [model.features[-1]]  # DenseNet: final norm5 (its ReLU is functional)
 
 

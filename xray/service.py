@@ -43,6 +43,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
+from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
 from xray.inference import choose_device, choose_precision
 from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, load_for_model
 from xray.serving_model import DEFAULT_MODEL_NAME, read_spec
@@ -55,7 +56,7 @@ class ServingSettings:
     """Everything an operator can tune without touching code; read once at import."""
 
     model_tag: str = f"{DEFAULT_MODEL_NAME}:latest"
-    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch_size: int = 16  # bounds the memory of one forward pass
     max_latency_ms: int = 30_000  # BentoML answers 503 rather than queue past this
@@ -237,7 +238,11 @@ class XrayModel:
         from xray.serving_model import load_model_dir
 
         torch.set_num_threads(SETTINGS.threads_per_model_worker())
-        self.loaded = load_model_dir(Path(self.model_ref.path), SETTINGS.precision, tag=str(self.model_ref.tag))
+        # Weights whose sha256 differs from the store's metadata are refused here: the worker does not start.
+        self.loaded = load_model_dir(
+            Path(self.model_ref.path), SETTINGS.precision, tag=str(self.model_ref.tag),
+            metadata_sha256=self.model_ref.info.metadata.get("weights_sha256"),
+        )
         self.image_size = self.loaded.spec.preprocessing.image_size
         # oneDNN builds kernels per input shape: pay for the common batch sizes now, not in the first requests.
         for batch in sorted({1, 2, 4, SETTINGS.max_batch_size}):

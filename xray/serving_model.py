@@ -9,6 +9,7 @@ they cannot disagree on preprocessing.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xray.entity.config_entity import DEFAULT_MODEL_NAME
+from xray.errors import XrayError
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
 from xray.models import ENSEMBLE, build_ensemble, build_model, load_checkpoint
 from xray.preprocessing import Preprocessing
@@ -29,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 SPEC = "model.json"
-DEFAULT_MODEL_NAME = "xray-classifier"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ModelSpec:
     metrics: dict[str, Any]
     members: tuple[str, ...] = ()  # architecture "ensemble": the members' architectures, in state_dict order
     tta: tuple[str, ...] = ()  # test-time views averaged with the plain image (chosen on validation)
+    seal_digest: str | None = None  # the run's evidence seal the model was pushed on (``xray runs verify``)
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class LoadedModel:
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return predict_proba(
-            self.inference_model, pixels, self.spec.preprocessing, self.device, self.precision, batch_size,
-            tta=self.spec.tta,
+            self.inference_model, pixels, self.spec.preprocessing, self.device,
+            precision=self.precision, batch_size=batch_size, tta=self.spec.tta,
         )
 
 
@@ -82,10 +85,35 @@ def build_for_spec(spec: ModelSpec) -> nn.Module:
     return build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
 
 
-def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> LoadedModel:
-    """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it)."""
+class ModelIntegrityError(XrayError):
+    """The weights on disk are not the weights that were pushed: serving refuses them."""
+
+
+def check_weights(path: Path, spec: ModelSpec, metadata_sha256: str | None, tag: str = "") -> None:
+    """Refuse weights whose sha256 differs from the model's metadata (and its model.json)."""
+    with open(path / WEIGHTS, "rb") as fh:  # hashlib, not xray.store: the Bento packs only what serving imports
+        actual = hashlib.file_digest(fh, "sha256").hexdigest()
+    name = tag or str(path)
+    if metadata_sha256 is not None and actual != metadata_sha256:
+        raise ModelIntegrityError(
+            f"refusing model {name}: {WEIGHTS} has sha256 {actual[:16]}…, its metadata says {metadata_sha256[:16]}…"
+        )
+    if actual != spec.weights_sha256:
+        raise ModelIntegrityError(
+            f"refusing model {name}: {WEIGHTS} has sha256 {actual[:16]}…, {SPEC} says {spec.weights_sha256[:16]}…"
+        )
+
+
+def load_model_dir(
+    path: Path, precision: str = "fp32", tag: str = "", metadata_sha256: str | None = None
+) -> LoadedModel:
+    """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it).
+
+    ``metadata_sha256``: the weights' sha256 in the store's metadata; the weights must match it.
+    """
     path = Path(path)
     spec = read_spec(path)
+    check_weights(path, spec, metadata_sha256, tag)
     model = build_for_spec(spec)
     load_checkpoint(model, path / WEIGHTS)
     device = choose_device()
@@ -93,6 +121,14 @@ def load_model_dir(path: Path, precision: str = "fp32", tag: str = "") -> Loaded
     precision = choose_precision(device, precision)
     inference_model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" and device.type == "cpu" else model
     return LoadedModel(spec, model, inference_model, device, precision, tag)
+
+
+def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
+    """A model from BentoML's store, checked against the weights sha256 in its metadata."""
+    import bentoml
+
+    model = bentoml.models.get(tag)
+    return load_model_dir(Path(model.path), precision, str(model.tag), model.info.metadata.get("weights_sha256"))
 
 
 def production_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> tuple[str, Path] | None:

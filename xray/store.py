@@ -30,9 +30,10 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, TypeVar
 
+from xray.codegraph import PACKAGE_DIR, module_closure, module_file
 from xray.entity.artifact_entity import ARTIFACT_TYPES, ArtifactHeader, FileRecord
 from xray.errors import RunError
 from xray.typed import SchemaError, from_mapping, to_jsonable
@@ -40,7 +41,6 @@ from xray.typed import SchemaError, from_mapping, to_jsonable
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-PACKAGE_DIR = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
 ARTIFACT_JSON = "artifact.json"
 STAGES = ("data_ingestion", "data_transformation", "model_trainer", "model_evaluation", "model_pusher")
@@ -83,13 +83,32 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path} is not valid JSON: {exc}") from None
 
 
-def code_hash() -> str:
-    """Hash of the package's source: part of every stage fingerprint, so changed code is recomputed."""
+def code_hash(modules: Iterable[str] | None = None, package_dir: Path = PACKAGE_DIR) -> str:
+    """Hash of the package's source (or of the named ``xray`` modules only): changed code is recomputed."""
+    if modules is None:
+        paths = sorted(package_dir.rglob("*.py"))
+    else:
+        paths = sorted({_source_of(name, package_dir) for name in modules})
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
+    for path in paths:
+        digest.update(str(path.relative_to(package_dir)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def stage_code_hash(stage_module: str, package_dir: Path = PACKAGE_DIR) -> str:
+    """The code a stage runs, for its fingerprint: its module and the ``xray`` modules it imports, transitively.
+
+    Editing what the stage does not import (the app, its pages, serving) keeps the stage's cache.
+    """
+    return code_hash(module_closure(stage_module, package_dir), package_dir)
+
+
+def _source_of(module: str, package_dir: Path) -> Path:
+    path = module_file(module, package_dir)
+    if path is None:
+        raise ValueError(f"{module} is not a module under {package_dir}")
+    return path
 
 
 def code_version() -> dict[str, Any]:
@@ -281,6 +300,14 @@ class RunDir:
             summary=summary or self.manifest.summary,
         )
         make_read_only(self.path)
+        self.seal()
+
+    def seal(self) -> str:
+        """Sign the finished run (``xray/seal.py``); nothing may be written into it afterwards."""
+        from xray.seal import seal_run  # seal reads runs through this module
+
+        problems = recorded_hash_problems(self.root, self.run_id)
+        return seal_run(self.root, self.run_id, self.manifest.status, utc_now(), problems)
 
 
 def _is_queued(root: Path, run_id: str) -> bool:
@@ -325,9 +352,13 @@ def load_artifact(path: Path) -> Any:
         raise RunError(f"{path}: {exc}") from None
 
 
-def load_manifest(root: Path, run_id: str) -> RunManifest:
+def check_run_id(run_id: str) -> None:
     if not run_id or "/" in run_id or run_id.startswith("."):
         raise RunError(f"not a run id: {run_id!r}")
+
+
+def load_manifest(root: Path, run_id: str) -> RunManifest:
+    check_run_id(run_id)
     path = root / run_id / MANIFEST
     if not path.is_file():
         raise RunError(f"no run {run_id!r} under {root}")
@@ -357,17 +388,21 @@ def load_stage_artifact(root: Path, manifest: RunManifest, stage: str) -> Any | 
     return load_artifact(root / manifest.run_id / record.artifact)
 
 
-def verify_run(root: Path, run_id: str) -> tuple[list[str], int]:
-    """Re-hash every file a run records; returns (problems, files checked)."""
+def recorded_hash_problems(root: Path, run_id: str) -> list[str]:
+    """Files that differ from the sha256 the run's own manifest and artifacts record.
+
+    Checked when the run is sealed, so a change made while it ran is named in the
+    seal. Paths that leave the run or pass through a symlink are reported, never followed.
+    """
     manifest = load_manifest(root, run_id)
     run_path = root / run_id
     problems: list[str] = []
-    checked = 0
     for stage, record in manifest.stages.items():
         if record.artifact is None:
             continue
-        artifact_path = run_path / record.artifact
-        checked += 1
+        artifact_path = _confined(run_path, record.artifact, problems)
+        if artifact_path is None:
+            continue
         if not artifact_path.is_file():
             problems.append(f"missing: {record.artifact}")
             continue
@@ -379,13 +414,29 @@ def verify_run(root: Path, run_id: str) -> tuple[list[str], int]:
             problems.append(f"unreadable: {record.artifact}: {exc}")
             continue
         for item in artifact.header.files:
-            checked += 1
-            path = run_path / item.path
+            path = _confined(run_path, item.path, problems)
+            if path is None:
+                continue
             if not path.is_file():
                 problems.append(f"missing: {item.path}")
             elif path.stat().st_size != item.size or sha256_file(path) != item.sha256:
                 problems.append(f"modified: {item.path} (sha256 differs from {stage} artifact)")
-    return problems, checked
+    return problems
+
+
+def _confined(run_path: Path, relative: str, problems: list[str]) -> Path | None:
+    """``run_path / relative`` when it stays inside the run through no symlink; else a named problem."""
+    parts = PurePosixPath(relative).parts
+    if not relative or PurePosixPath(relative).is_absolute() or ".." in parts or "\x00" in relative:
+        problems.append(f"path leaves the run: {relative!r}; not followed")
+        return None
+    path = run_path
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            problems.append(f"symlink: {relative}; not followed")
+            return None
+    return path
 
 
 # ---------------------------------------------------------------- stage cache

@@ -111,7 +111,7 @@ class LocalPredictor:
         self._loaded: tuple[str, object] | None = None
 
     def _model(self):  # -> (tag, LoadedModel)
-        from xray.serving_model import load_model_dir, production_model_dir
+        from xray.serving_model import ModelIntegrityError, load_stored_model, production_model_dir
 
         found = production_model_dir(self.model_name)
         if found is None:
@@ -119,10 +119,13 @@ class LocalPredictor:
                 f"no production model named {self.model_name!r} yet: train a run that passes the gate, "
                 "or set XRAY_BENTO_URL to a running Bento service"
             )
-        tag, path = found
+        tag, _ = found
         if self._loaded is None or self._loaded[0] != tag:
             logger.info("loading production model %s for the predict page", tag)
-            self._loaded = (tag, load_model_dir(path, "fp32", tag=tag))
+            try:
+                self._loaded = (tag, load_stored_model(tag, "fp32"))
+            except ModelIntegrityError as exc:
+                raise PredictionUnavailable(str(exc)) from None
         return self._loaded
 
     def predict(self, data: bytes, filename: str, content_type: str | None) -> PredictionResult:

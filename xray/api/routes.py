@@ -29,7 +29,9 @@ from xray.api.schemas import (
 )
 from xray.api.views import load_view, summary
 from xray.errors import ConfigError, DataError, RunError
-from xray.store import RunManifest, verify_run
+from xray.keys import SigningKeyError
+from xray.seal import verify_run
+from xray.store import RunManifest
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def run_log(
     "/runs/{run_id}/verify",
     response_model=VerifyResult,
     tags=["runs"],
-    summary="re-hash every file the run records",
+    summary="check the run's seal, ledger entry and every file",
     responses={**_AUTH_ERRORS, **_NOT_FOUND},
 )
 def run_verify(request: Request, run_id: str, _: Annotated[Principal, Depends(require_read)]) -> VerifyResult:
@@ -151,8 +153,15 @@ def run_verify(request: Request, run_id: str, _: Annotated[Principal, Depends(re
 
 
 def verify(request: Request, run_id: str) -> VerifyResult:
-    problems, checked = verify_run(jobs(request).root, run_id)
-    return VerifyResult(run_id=run_id, ok=not problems, checked=checked, problems=problems)
+    """The same check as ``xray runs verify``, with the service's own signing key."""
+    try:
+        result = verify_run(jobs(request).root, run_id)
+    except SigningKeyError as exc:  # the service's key is missing or unreadable: its fault, not the caller's
+        raise HTTPException(status_code=503, detail=f"cannot verify: {exc}") from None
+    return VerifyResult(
+        run_id=run_id, ok=result.ok, sealed=result.sealed, checked=result.checked, problems=list(result.problems),
+        message=result.message, seal_digest=result.seal_digest, evidence_digest=result.evidence_digest,
+    )
 
 
 def resolve_artifact(root: Path, run_id: str, relative: str) -> Path:

@@ -111,9 +111,13 @@ class RunDetail(RunSummary):
 
 class VerifyResult(BaseModel):
     run_id: str
-    ok: bool
+    ok: bool = Field(description="no problem found (a run that is still going has none yet)")
+    sealed: bool = Field(description="false while the run is queued or running: it is sealed when it ends")
     checked: int = Field(description="files re-hashed")
     problems: list[str]
+    message: str
+    seal_digest: str | None = None
+    evidence_digest: str | None = Field(None, description="the pre-push seal a pushed model names in its metadata")
 
 
 class CancelAccepted(BaseModel):

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from xray.config import DEFAULT_CONFIG_PATH, load_config
+from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MODEL_NAME
 from xray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ class AppSettings:
     tokens: Tokens
     workdir: Path  # the worker's cwd, and what relative data paths are relative to
     bento_url: str | None = None  # predict through this Bento service instead of in-process
-    model_name: str = "xray-classifier"
-    max_upload_bytes: int = 20 * 1024 * 1024
+    model_name: str = DEFAULT_MODEL_NAME
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     cookie_secure: bool = False  # set when served over https, so the login cookie never goes out in clear
     session_hours: int = 8
     exclusive_artifacts: bool = False  # only this service (on this host) runs training into the artifacts root

@@ -5,6 +5,10 @@ writes the queued manifest with this process's pid in between, so a run is
 never left with no process answerable for it: if the app dies first, stdin
 closes and the worker exits without starting, and the app's orphan check
 marks the queued run failed.
+
+Its output goes to ``worker.log`` in the run directory until the run is
+sealed; after that it goes nowhere, since a sealed run is never written again
+(the manifest already holds the status and the reason).
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     from xray.cli import main as cli_main
 
-    return cli_main(argv if argv is not None else sys.argv[1:])
+    return cli_main(argv if argv is not None else sys.argv[1:], after_run=_detach_output)
+
+
+def _detach_output() -> None:
+    """Point stdout and stderr (the run's worker.log) at /dev/null, down to the file descriptors."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,19 @@ The best candidate goes into BentoML's model store only if it clears the
 configured thresholds on the test split and is at least as good as the
 current production model re-scored on this same test split. Either way the
 decision and its reasons are an artifact, so an auditor sees why.
+
+A push is all or nothing: the evidence is sealed first (its digest goes
+into the model's metadata), then the S3 copy is made when ``push.s3_uri``
+is set, and only then does the model enter the store, where BentoML writes
+it to a temporary folder and moves ``latest`` once it is complete. Any
+failure before that leaves the store and ``latest`` as they were.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-
+from pathlib import Path
 
 from xray.components.data_transformation import split_pixels
 from xray.components.model_evaluation import metric_value
@@ -24,8 +30,9 @@ from xray.entity.artifact_entity import (
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import XrayError
 from xray.metrics import compute_metrics
-from xray.serving_model import ModelSpec, load_model_dir, production_model_dir, write_model_dir
-from xray.store import RunDir, new_header, sha256_file, write_json_atomic
+from xray.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
+from xray.seal import seal_evidence
+from xray.store import RunDir, new_header, sha256_file, utc_now, write_json_atomic
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -57,8 +64,8 @@ def run(
     production_tag, production_score = None, None
     production = production_model_dir(push.model_name) if gate.compare_with_production else None
     if production is not None:
-        production_tag, production_path = production
-        prod = load_model_dir(production_path, tag=production_tag)
+        production_tag, _ = production
+        prod = load_stored_model(production_tag)
         if tuple(prod.spec.class_names) != tuple(transformation.class_names):
             logger.info("production %s has other classes %s; not comparable", production_tag, prod.spec.class_names)
             production_tag = None
@@ -72,11 +79,10 @@ def run(
                     f"re-scored on this test split ({production_score:.4f})"
                 )
 
-    model_tag, s3_uris = None, []
+    model_tag, s3_uris, evidence = None, [], None
     if not reasons:
-        model_tag = _push_to_bentoml(config, run_dir, ingestion, transformation, evaluation)
-        s3_uris = _upload_to_s3(config, run_dir, evaluation, model_tag)
-        verdict = [f"passed the gate; pushed as {model_tag}"]
+        model_tag, s3_uris, evidence = push_model(config, run_dir, ingestion, transformation, evaluation)
+        verdict = [f"passed the gate; pushed as {model_tag} (evidence seal {evidence})"]
         if production_score is not None:
             verdict.append(f"test {metric} {candidate_score:.4f} >= production {production_tag} ({production_score:.4f})")
         reasons = verdict
@@ -94,6 +100,7 @@ def run(
         production_score=production_score,
         candidate_score=candidate_score,
         s3_uris=tuple(s3_uris),
+        evidence_seal=evidence,
     )
     write_json_atomic(decision_path, {"gate": to_jsonable(gate), "metric": metric, **artifact_fields})
     return ModelPusherArtifact(
@@ -105,13 +112,36 @@ def run(
     )
 
 
-def _push_to_bentoml(
+def push_model(
     config: PipelineConfig,
     run_dir: RunDir,
     ingestion: DataIngestionArtifact,
     transformation: DataTransformationArtifact,
     evaluation: ModelEvaluationArtifact,
-) -> str:
+) -> tuple[str, list[str], str]:
+    """Seal the evidence, copy to S3, then enter the store: (model tag, S3 URIs, evidence seal digest).
+
+    The store comes last, so a model is in it (and ``latest``) only when everything else worked.
+    """
+    import bentoml
+
+    run_dir.stage_dir(STAGE)
+    evidence = seal_evidence(run_dir.root, run_dir.run_id, utc_now())
+    tag = str(bentoml.Tag(config.push.model_name).make_new_version())
+    s3_uris = _upload_to_s3(config, run_dir, evaluation, tag, evidence)
+    _add_to_store(config, run_dir, ingestion, transformation, evaluation, tag, evidence)
+    return tag, s3_uris, evidence
+
+
+def _add_to_store(
+    config: PipelineConfig,
+    run_dir: RunDir,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    evaluation: ModelEvaluationArtifact,
+    tag: str,
+    evidence: str,
+) -> None:
     import bentoml
 
     best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
@@ -127,6 +157,7 @@ def _push_to_bentoml(
         metrics=metrics,
         members=best.members,
         tta=best.tta,
+        seal_digest=evidence,
     )
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
@@ -141,31 +172,35 @@ def _push_to_bentoml(
         "members": list(spec.members),
         "tta": list(spec.tta),
         "run_id": run_dir.run_id,
+        "seal_digest": evidence,
         "data_uri": ingestion.source_uri,
         "data_fingerprint": ingestion.data_fingerprint,
         "weights_sha256": spec.weights_sha256,
         **summary_metrics,
     }
     try:
-        with bentoml.models.create(config.push.model_name, labels=labels, metadata=metadata) as model:
-            from pathlib import Path
-
+        # BentoML builds the model in a temporary folder and registers it in the store on a clean exit.
+        with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
             write_model_dir(Path(model.path), spec, checkpoint)
     except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
         raise XrayError(f"push to BentoML model store failed: {exc}") from exc
-    return str(model.tag)
 
 
-def _upload_to_s3(config: PipelineConfig, run_dir: RunDir, evaluation: ModelEvaluationArtifact, model_tag: str) -> list[str]:
+def _upload_to_s3(
+    config: PipelineConfig, run_dir: RunDir, evaluation: ModelEvaluationArtifact, model_tag: str, evidence: str
+) -> list[str]:
     if not config.push.s3_uri:
         return []
     from xray.sources.s3 import S3Settings, upload_file
 
     settings = S3Settings.from_config(config.ingestion.s3)
     base = config.push.s3_uri.rstrip("/") + f"/{model_tag.replace(':', '/')}"
-    uris = [upload_file(run_dir.path / evaluation.best_checkpoint, f"{base}/weights.pt", settings)]
-    uris.append(upload_file(run_dir.path / evaluation.comparison_json, f"{base}/comparison.json", settings))
     report = run_dir.stage_dir(STAGE) / "report.json"
-    report.write_text(json.dumps({"run_id": run_dir.run_id, "model_tag": model_tag}, indent=2))
-    uris.append(upload_file(report, f"{base}/report.json", settings))
+    report.write_text(json.dumps({"run_id": run_dir.run_id, "model_tag": model_tag, "seal_digest": evidence}, indent=2))
+    try:
+        uris = [upload_file(run_dir.path / evaluation.best_checkpoint, f"{base}/weights.pt", settings)]
+        uris.append(upload_file(run_dir.path / evaluation.comparison_json, f"{base}/comparison.json", settings))
+        uris.append(upload_file(report, f"{base}/report.json", settings))
+    except XrayError as exc:
+        raise XrayError(f"push failed, model not added to the store: S3 copy to {base} failed: {exc}") from exc
     return uris

@@ -223,6 +223,7 @@ class ModelPusherArtifact:
     production_score: float | None = None
     candidate_score: float | None = None
     s3_uris: tuple[str, ...] = ()
+    evidence_seal: str | None = None  # digest of model_pusher/evidence_seal.json, also in the model's metadata
 
 
 ARTIFACT_TYPES: dict[str, type] = {

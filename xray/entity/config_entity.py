@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Names and limits the pipeline, the app and serving share, defined once here (a module free of heavy imports).
+CANDIDATES = ("simple_cnn", "densenet121", "densenet169", "densenet201")  # what trainer.candidates may name
+DEFAULT_MODEL_NAME = "xray-classifier"  # the BentoML model the pusher writes and serving loads
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one uploaded image, at /predict of the Bento and of the app
+
 
 @dataclass(frozen=True)
 class S3Config:
@@ -100,7 +105,7 @@ class GateConfig:
 @dataclass(frozen=True)
 class PushConfig:
     enabled: bool = True
-    model_name: str = "xray-classifier"
+    model_name: str = DEFAULT_MODEL_NAME
     s3_uri: str | None = None
 
 

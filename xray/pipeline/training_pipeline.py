@@ -39,16 +39,20 @@ from xray.entity.artifact_entity import (
 )
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import XrayError
+from xray.keys import load_signing_key
 from xray.store import (
     RunDir,
     adopt_cached_stage,
     cache_lookup,
     cache_store,
-    code_hash,
     load_typed,
+    stage_code_hash,
 )
 
 logger = logging.getLogger(__name__)
+
+# The stages with a fingerprint; each one's covers the code it runs (its module's import closure), not all of xray/.
+_CACHED_STAGES = (data_ingestion, data_transformation, model_trainer, model_evaluation)
 
 
 @dataclass(frozen=True)
@@ -145,12 +149,15 @@ def _run(
 ) -> RunResult:
     """The run as one process sees it: the single process, or rank 0 of a torchrun job."""
     root = Path(config.artifacts_dir)
+    load_signing_key()  # a missing or unreadable key fails now, not when the finished run is sealed
     run = RunDir.create(root, config_to_dict(config), config.data_uri, run_id=run_id)
     if dist_info is not None:
         run.update(environment={**run.manifest.environment, "distributed": dist_info})
     handler = _attach_run_log(run)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupted) if _in_main_thread() else None
     logger.info("run %s started (data: %s)", run.run_id, config.data_uri)
+    reason: str | None = None
+    summary: dict[str, Any] = {}
     try:
         summary = _execute(config, run, ctx, channel)
     except (XrayError, RunInterrupted, KeyboardInterrupt) as exc:
@@ -159,58 +166,65 @@ def _run(
         if ctx is not None and isinstance(exc, RunInterrupted):
             reason += " (torchrun stops every rank when one of them fails; see the other ranks' output)"
         logger.error("run %s failed: %s", run.run_id, reason)
-        run.finish("failed", reason=reason)
-        if channel is not None:
-            channel.release(f"run failed on rank 0: {reason}", run)
-        return RunResult(run.run_id, run.path, "failed", reason, {})
     except Exception as exc:  # noqa: BLE001 - an unexpected fault still must not leave a live-looking run
         _shield_from_sigterm(previous_term if ctx is not None else None)
         reason = f"internal error: {type(exc).__name__}: {exc}"
         logger.error("run %s failed: %s\n%s", run.run_id, reason, traceback.format_exc())
+    else:
+        logger.info("run %s succeeded", run.run_id)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    # Sealed after run.log is closed, so nothing is written into the run once it is signed;
+    # a SIGTERM arriving during the short seal waits, so no run is left half sealed.
+    if previous_term is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if reason is None:
+            run.finish("succeeded", summary=summary)
+            return RunResult(run.run_id, run.path, "succeeded", None, summary)
         run.finish("failed", reason=reason)
-        if channel is not None:
-            channel.release(f"run failed on rank 0: {reason}", run)
-        return RunResult(run.run_id, run.path, "failed", reason, {})
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    run.finish("succeeded", summary=summary)
-    logger.info("run %s succeeded", run.run_id)
-    return RunResult(run.run_id, run.path, "succeeded", None, summary)
+    if channel is not None:
+        channel.release(f"run failed on rank 0: {reason}", run)
+    return RunResult(run.run_id, run.path, "failed", reason, {})
 
 
 def _execute(
     config: PipelineConfig, run: RunDir, ctx: DistContext | None = None, channel: PlanChannel | None = None
 ) -> dict[str, Any]:
-    code = code_hash()
+    code = {stage.STAGE: stage_code_hash(stage.__name__) for stage in _CACHED_STAGES}
 
     def progress(**fields: Any) -> None:
         run.set_progress(**fields)
 
     run.start_stage(data_ingestion.STAGE)
-    ingestion = data_ingestion.run(config, run, code)
+    ingestion = data_ingestion.run(config, run, code[data_ingestion.STAGE])
     run.finish_stage(data_ingestion.STAGE, ingestion)
 
+    transformation_code = code[data_transformation.STAGE]
     transformation = _cached_or_run(
         run, data_transformation.STAGE, DataTransformationArtifact,
-        data_transformation.stage_fingerprint(config, ingestion, code),
-        lambda: data_transformation.run(config, run, ingestion, code),
+        data_transformation.stage_fingerprint(config, ingestion, transformation_code),
+        lambda: data_transformation.run(config, run, ingestion, transformation_code),
     )
+    trainer_code = code[model_trainer.STAGE]
     if ctx is None:
         trainer = _cached_or_run(
             run, model_trainer.STAGE, ModelTrainerArtifact,
-            model_trainer.stage_fingerprint(config, transformation, code),
-            lambda: model_trainer.run(config, run, transformation, code, progress=progress),
+            model_trainer.stage_fingerprint(config, transformation, trainer_code),
+            lambda: model_trainer.run(config, run, transformation, trainer_code, progress=progress),
         )
     else:
         assert channel is not None
-        trainer = _train_distributed(config, run, transformation, code, progress, ctx, channel)
+        trainer = _train_distributed(config, run, transformation, trainer_code, progress, ctx, channel)
+    evaluation_code = code[model_evaluation.STAGE]
     evaluation = _cached_or_run(
         run, model_evaluation.STAGE, ModelEvaluationArtifact,
-        model_evaluation.stage_fingerprint(config, transformation, trainer, code),
-        lambda: model_evaluation.run(config, run, transformation, trainer, code),
+        model_evaluation.stage_fingerprint(config, transformation, trainer, evaluation_code),
+        lambda: model_evaluation.run(config, run, transformation, trainer, evaluation_code),
     )
     pusher = _push(config, run, ingestion, transformation, evaluation)
     return summarize(evaluation, pusher)

