@@ -96,7 +96,7 @@ def run_xray(train: Path, holdout: Path, work: Path, overrides: list[str]) -> di
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"xray train failed:\n{proc.stderr[-3000:]}")
-    run_dir = next(p for p in sorted((work / "artifacts").iterdir()) if not p.name.startswith("."))
+    run_dir = next(p for p in sorted((work / "artifacts").iterdir()) if (p / "manifest.json").is_file())
     scored = score_like_serving(run_dir, holdout, work / "model")
     return {"wall_s": wall, **scored}
 

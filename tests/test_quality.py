@@ -181,7 +181,7 @@ def test_external_check_is_scored_and_reported(tmp_path: Path) -> None:
         env={"BENTOML_HOME": str(tmp_path / "bentoml")},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = next(p for p in (tmp_path / "artifacts").iterdir() if not p.name.startswith("."))
+    run_dir = next(p for p in (tmp_path / "artifacts").iterdir() if (p / "manifest.json").is_file())
     table = json.loads((run_dir / "model_evaluation" / "comparison.json").read_text())
     assert table["external"]["counts"] == {"covid": 3, "normal": 4, "pneumonia": 5}
     row = table["candidates"][0]
