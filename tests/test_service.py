@@ -43,10 +43,12 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A tiny run pushed into its own BentoML home: (root, model tag)."""
     root = tmp_path_factory.mktemp("serving")
     home = root / "bentoml"
-    trained = run_cli(
-        "train", *tiny_args(root / "artifacts", f"evaluation.operating_point.positive=[{','.join(POSITIVE)}]"),
-        env={"BENTOML_HOME": str(home)},
+    # an ensemble (one model to serve, two members inside) with an operating point: the richest thing the pipeline pushes
+    richest = (
+        "trainer.candidates=[simple_cnn,densenet121]", "evaluation.ensemble=always",
+        f"evaluation.operating_point.positive=[{','.join(POSITIVE)}]",
     )
+    trained = run_cli("train", *tiny_args(root / "artifacts", *richest), env={"BENTOML_HOME": str(home)})
     assert trained.returncode == 0, trained.stderr[-3000:]
     return root, "xray-classifier:" + (home / "models" / "xray-classifier" / "latest").read_text().strip()
 
@@ -103,7 +105,8 @@ def test_health_endpoints(client: httpx.Client) -> None:
 def test_metadata_describes_the_served_model(metadata: dict, served: tuple[BentoServer, str]) -> None:
     assert metadata["model"] == served[1]
     assert metadata["class_names"] == ["covid", "normal", "pneumonia"]
-    assert metadata["architecture"] == "simple_cnn"
+    assert metadata["architecture"] == "ensemble"
+    assert metadata["members"] == ["simple_cnn", "densenet121"]
     assert metadata["image_size"] == 32
     assert metadata["run_id"] and metadata["data_fingerprint"]
     assert "test" in metadata["metrics"]
@@ -112,6 +115,26 @@ def test_metadata_describes_the_served_model(metadata: dict, served: tuple[Bento
 
 def test_predict_png(client: httpx.Client, metadata: dict, served: tuple[BentoServer, str]) -> None:
     assert_prediction(post_image(client, encode(Image.fromarray(radiograph()))), metadata, served[1])
+
+
+def test_served_ensemble_answers_the_mean_of_its_members(
+    client: httpx.Client, served: tuple[BentoServer, str]
+) -> None:
+    """/predict through HTTP = the members' probabilities averaged in-process (TTA as the spec says)."""
+    from xray.inference import predict_proba
+    from xray.preprocessing import load_for_model
+    from xray.serving_model import load_model_dir
+
+    payload = encode(Image.fromarray(radiograph(seed=5)))
+    answer = post_image(client, payload).json()["probabilities"]
+    name, version = served[1].split(":")
+    loaded = load_model_dir(served[0].log.parent / "bentoml" / "models" / name / version, "fp32")
+    pixels = load_for_model(payload, loaded.spec.preprocessing)[None]
+    spec = loaded.spec
+    members = [predict_proba(m, pixels, spec.preprocessing, loaded.device, tta=spec.tta)[0] for m in loaded.model.members]
+    expected = np.mean(members, axis=0)
+    got = np.array([answer[name] for name in spec.class_names])
+    np.testing.assert_allclose(got, expected, atol=0.02)  # bf16 serving where the CPU has it
 
 
 def _sixteen_bit() -> Image.Image:

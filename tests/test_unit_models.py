@@ -11,7 +11,7 @@ from torchvision import models as tv_models
 
 from xray.entity.config_entity import CANDIDATES
 from xray.errors import ConfigError
-from xray.models import SimpleCNN, build_model, count_parameters, gradcam_target_layer, load_checkpoint
+from xray.models import SimpleCNN, build_model, count_parameters, gradcam_target_layers, load_checkpoint
 
 DENSENETS = [name for name in CANDIDATES if name != "simple_cnn"]
 
@@ -88,10 +88,10 @@ def test_missing_or_unreadable_weights_are_config_errors_and_nothing_downloads(t
 def test_gradcam_layer_is_the_last_spatial_feature_map() -> None:
     cnn = build_model("simple_cnn", 2)
     last_block = cnn.features[-1]  # conv, BN, ReLU, conv, BN, ReLU, max-pool
-    assert gradcam_target_layer(cnn) is last_block[4]  # its final BatchNorm: 256 maps before ReLU and pooling
+    assert gradcam_target_layers(cnn) == [last_block[4]]  # its final BatchNorm: 256 maps before ReLU and pooling
     assert isinstance(last_block[4], nn.BatchNorm2d) and last_block[4].num_features == 256
     dense = build_model("densenet121", 2)
-    assert gradcam_target_layer(dense) is dense.features.norm5
+    assert gradcam_target_layers(dense) == [dense.features.norm5]
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

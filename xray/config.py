@@ -26,6 +26,8 @@ _CHOICES = {
     "trainer.monitor": ("roc_auc", "accuracy", "loss"),
     "trainer.cv_final_model": ("retrain", "best_fold"),
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),
+    "evaluation.ensemble": ("auto", "always", "off"),
+    "evaluation.tta": ("auto", "on", "off"),
 }
 # Inclusive bounds for every numeric key: wide enough for any real run, narrow enough that
 # a typo (or a hostile /train caller) cannot ask for a billion epochs, NaN or a negative rate.
@@ -60,6 +62,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "evaluation.bootstrap_resamples": (1000, 100_000),  # fewer resamples give intervals too rough to report
     "evaluation.bootstrap_seed": (0, 2**32 - 1),
     "evaluation.subgroup_min_count": (1, 1_000_000),
+    "evaluation.bootstrap_level": (0.5, 0.999),
+    "transformation.augment.gamma": (0, 3),  # 0: off
+    "transformation.augment.blur": (0, 5),
+    "transformation.augment.noise": (0, 0.5),
     "gate.min_roc_auc": (0, 1),
     "gate.min_accuracy": (0, 1),
     "gate.min_class_recall": (0, 1),
@@ -147,6 +153,22 @@ def validate(config: PipelineConfig) -> None:
     if trainer.cv_folds == 1 or trainer.cv_folds < 0:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
     _validate_clinical(config)
+    _validate_evaluation(config)
+
+
+def _validate_evaluation(config: PipelineConfig) -> None:
+    ev = config.evaluation
+    if ev.external is None:
+        if ev.external_classes:
+            raise ConfigError("config: evaluation.external_classes is set but evaluation.external is not")
+        return
+    if ev.external.startswith("s3://") or not Path(ev.external).is_dir():
+        raise ConfigError(f"config: evaluation.external must be a local folder of CLASS/ subfolders, got {ev.external!r}")
+    if len(ev.external_classes) < 2:
+        raise ConfigError(
+            "config: evaluation.external needs evaluation.external_classes mapping each model class to a subfolder, "
+            'e.g. {normal: Normal, pneumonia: "Viral Pneumonia"}'
+        )
 
 
 def _validate_clinical(config: PipelineConfig) -> None:

@@ -8,7 +8,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from xray.models import gradcam_target_layer
+from xray.models import gradcam_target_layers
 from xray.preprocessing import Preprocessing
 
 
@@ -22,7 +22,7 @@ def gradcam_overlays(
     model = model.float().eval()
     x = preprocessing.to_tensor(pixels).to(next(model.parameters()).device)
     targets = [ClassifierOutputTarget(c) for c in target_classes] if target_classes is not None else None
-    with GradCAM(model=model, target_layers=[gradcam_target_layer(model)]) as cam:
+    with GradCAM(model=model, target_layers=gradcam_target_layers(model)) as cam:
         masks = cam(input_tensor=x, targets=targets)
     overlays = []
     for image, mask in zip(pixels, masks):

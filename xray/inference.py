@@ -1,7 +1,9 @@
 """Running a model: device and precision choice, batched prediction.
 
 Evaluation, the trainer's validation pass and the Bento service all predict
-through ``predict_proba`` so their numbers agree by construction.
+through ``predict_proba`` so their numbers agree by construction; test-time
+augmentation (``tta``) lives here for the same reason: evaluation decides
+whether it helps and serving repeats exactly that.
 """
 
 from __future__ import annotations
@@ -68,8 +70,27 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
+TTA_VIEWS = ("hflip",)
+
+
+def tta_view(pixels: np.ndarray, view: str) -> np.ndarray:
+    """One test-time view of uint8 ``N×H×W`` images; ``hflip`` mirrors them, as training's augmentation does."""
+    if view == "hflip":
+        return np.ascontiguousarray(pixels[:, :, ::-1])
+    raise ValueError(f"unknown test-time view {view!r} (known: {', '.join(TTA_VIEWS)})")
+
+
 def predict_proba(
-    model: nn.Module, pixels: np.ndarray, preprocessing: Preprocessing, device: torch.device, *args: Any, **kwargs: Any
+    model: nn.Module,
+    pixels: np.ndarray,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    *args: Any,
+    tta: tuple[str, ...] = (),
+    **kwargs: Any,
 ) -> np.ndarray:
-    """Softmax of ``predict_logits`` as numpy; further arguments are its own (precision, batch_size, ...)."""
-    return torch.softmax(predict_logits(model, pixels, preprocessing, device, *args, **kwargs), dim=1).numpy()
+    """Class probabilities, softmax of ``predict_logits`` (further arguments are its own: precision,
+    batch_size, ...); with ``tta`` views, the mean over the plain image and each view."""
+    views = [pixels] + [tta_view(pixels, view) for view in tta]
+    probs = [torch.softmax(predict_logits(model, v, preprocessing, device, *args, **kwargs), dim=1).numpy() for v in views]
+    return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)

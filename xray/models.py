@@ -56,6 +56,31 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
+class Ensemble(nn.Module):
+    """Several trained models as one: the output is the log of their mean probabilities.
+
+    ``softmax`` of that output *is* the mean of the members' probabilities, so
+    every caller of ``predict_proba`` (evaluation, serving, the gate) treats an
+    ensemble as any other model, and it is stored and served as one state_dict.
+    """
+
+    def __init__(self, members: list[nn.Module], names: tuple[str, ...]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.names = names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+ENSEMBLE = "ensemble"
+
+
+def build_ensemble(members: tuple[str, ...], num_classes: int, in_channels: int = 1) -> Ensemble:
+    return Ensemble([build_model(m, num_classes, in_channels) for m in members], members)
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 1, weights: str = "none") -> nn.Module:
     if name == "simple_cnn":
         if weights != "none":
@@ -100,11 +125,17 @@ def _load_pretrained(name: str, imagenet: tv_models.WeightsEnum, weights: str) -
     return state
 
 
-def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The last spatial feature map: where Grad-CAM has both resolution and semantics."""
+def gradcam_target_layers(model: nn.Module) -> list[nn.Module]:
+    """The last spatial feature map: where Grad-CAM has both resolution and semantics.
+
+    An ensemble gives each member's; pytorch-grad-cam averages the per-layer
+    maps (each scaled to the input), i.e. the members' Grad-CAMs averaged.
+    """
+    if isinstance(model, Ensemble):
+        return [layer for member in model.members for layer in gradcam_target_layers(member)]
     if isinstance(model, SimpleCNN):
-        return model.features[-1][-3]  # last block's final BatchNorm (its ReLU is in-place), before pooling
-    return model.features[-1]  # DenseNet: final norm5 (its ReLU is functional)
+        return [model.features[-1][-3]]  # last block's final BatchNorm (its ReLU is in-place), before pooling
+    return [model.features[-1]]  # DenseNet: final norm5 (its ReLU is functional)
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:

@@ -3,6 +3,14 @@
 Serving must see pixels exactly as training did, so there is one path from
 bytes to model input: decode (any mode, any bit depth) -> 8-bit grayscale ->
 square resize -> scale and normalise.
+
+A model trained on pre-shrunk images (MedMNIST's 28 px) also records how those
+images were made from full-size films (``source_crop``, ``source_size``,
+``source_filter``), so a full-size upload is shrunk the same way before the
+model's own resize: MedMNIST v2 centre-cropped each PneumoniaMNIST film to a
+square of its short edge, then resized it to 28x28 (MedMNIST's
+``on_medmnist_plus.md``). The resize filter is not published; ``bicubic`` (PIL's
+antialiased default) is recorded as the best available guess.
 """
 
 from __future__ import annotations
@@ -79,6 +87,9 @@ class Preprocessing:
     mean: float
     std: float
     channels: int = 1  # radiographs are grayscale; colour inputs are converted
+    source_crop: str = "none"  # none | center_square: how the training images were cut from full-size films
+    source_size: int = 0  # > 0: the training images were made at this size first (MedMNIST: 28)
+    source_filter: str = "bilinear"  # the filter that made them: bilinear | bicubic | box
 
     def to_unit(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``N×H×W`` -> float ``N×1×H×W`` in [0, 1] (augmentation works here)."""
@@ -188,8 +199,51 @@ def resize_batch(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.stack([resize_square(image, size) for image in pixels]) if len(pixels) else np.empty((0, size, size), np.uint8)
 
 
-def load_pixels(data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes or a file -> the uint8 ``size×size`` array a model sees."""
-    pixels, _ = decode_grayscale(data, max_pixels=max_pixels, draft_size=size)
+_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+}
+SOURCE_CROPS = ("none", "center_square")
+SOURCE_FILTERS = tuple(_FILTERS)
+
+
+def center_square(pixels: np.ndarray) -> np.ndarray:
+    """The centred square whose side is the short edge."""
+    height, width = pixels.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return pixels[top : top + side, left : left + side]
+
+
+def fit_to_contract(pixels: np.ndarray, size: int, contract: Preprocessing | None = None) -> np.ndarray:
+    """A decoded grey film -> the uint8 ``size×size`` array a model sees.
+
+    With a ``contract`` that records a source size, the film is first made the
+    way the training images were (crop, then the source filter to the source
+    size), then resized to ``size`` as training resized them.
+    """
+    source_size = contract.source_size if contract is not None else 0
+    if contract is not None and contract.source_crop == "center_square":
+        pixels = center_square(pixels)
+    if source_size and pixels.shape != (source_size, source_size):
+        shrunk = Image.fromarray(np.ascontiguousarray(pixels), mode="L").resize(
+            (source_size, source_size), _FILTERS[contract.source_filter]
+        )
+        pixels = np.asarray(shrunk, dtype=np.uint8)
     return resize_square(pixels, size)
+
+
+def load_pixels(
+    data: bytes | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, contract: Preprocessing | None = None
+) -> np.ndarray:
+    """Bytes or a file (PNG, JPEG, TIFF or DICOM) -> the uint8 ``size×size`` array a model sees."""
+    source_size = contract.source_size if contract is not None else 0
+    pixels, _ = decode_grayscale(data, max_pixels=max_pixels, draft_size=source_size or size)
+    return fit_to_contract(pixels, size, contract)
+
+
+def load_for_model(data: bytes | Path, contract: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Serving's and the external check's path: the model's whole contract, at its input size."""
+    return load_pixels(data, contract.image_size, max_pixels, contract)
 

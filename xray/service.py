@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse
 from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
 from xray.inference import choose_device, choose_precision
 from xray.operating_point import positive_indices
-from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageFormat, load_pixels
+from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageFormat, load_for_model
 from xray.registry import production_tag
 from xray.serving_model import DEFAULT_MODEL_NAME, read_card, read_spec
 from xray.tokens import matches_any
@@ -394,6 +394,8 @@ class XrayClassifier:
             "model": self.tag,
             "created": self.created,
             "architecture": spec.architecture,
+            "members": list(spec.members),
+            "tta": list(spec.tta),
             "class_names": list(spec.class_names),
             "image_size": spec.preprocessing.image_size,
             "preprocessing": asdict(spec.preprocessing),
@@ -446,7 +448,7 @@ class XrayClassifier:
         try:
             data = image.read_bytes()
             return await anyio.to_thread.run_sync(
-                load_pixels, data, self.image_size, SETTINGS.max_pixels, limiter=self._decode_limiter
+                load_for_model, data, self.spec.preprocessing, SETTINGS.max_pixels, limiter=self._decode_limiter
             )
         except ImageTooLargeError as exc:
             return error_response(413, str(exc))

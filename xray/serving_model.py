@@ -25,7 +25,7 @@ from xray.entity.artifact_entity import OperatingPoint
 from xray.entity.config_entity import DEFAULT_MODEL_NAME
 from xray.errors import XrayError
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
-from xray.models import build_model, load_checkpoint
+from xray.models import ENSEMBLE, build_ensemble, build_model, load_checkpoint
 from xray.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
 
@@ -46,6 +46,8 @@ class ModelSpec:
     weights_sha256: str
     metrics: dict[str, Any]
     operating_point: OperatingPoint | None = None  # threshold on P(positive) chosen on validation
+    members: tuple[str, ...] = ()  # architecture "ensemble": the members' architectures, in state_dict order
+    tta: tuple[str, ...] = ()  # test-time views averaged with the plain image (chosen on validation)
     seal_digest: str | None = None  # the run's evidence seal the model was pushed on (``xray runs verify``)
 
 
@@ -65,7 +67,7 @@ class LoadedModel:
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return predict_proba(
             self.inference_model, pixels, self.spec.preprocessing, self.device,
-            precision=self.precision, batch_size=batch_size,
+            precision=self.precision, batch_size=batch_size, tta=self.spec.tta,
         )
 
 
@@ -85,6 +87,13 @@ def read_card(path: Path) -> dict[str, Any] | None:
 
 def read_spec(path: Path) -> ModelSpec:
     return from_mapping(ModelSpec, json.loads((Path(path) / SPEC).read_text()))
+
+
+def build_for_spec(spec: ModelSpec) -> nn.Module:
+    """An untrained model of the spec's shape: one architecture, or an ensemble of its members."""
+    if spec.architecture == ENSEMBLE:
+        return build_ensemble(spec.members, len(spec.class_names), spec.preprocessing.channels)
+    return build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
 
 
 class ModelIntegrityError(XrayError):
@@ -116,7 +125,7 @@ def load_model_dir(
     path = Path(path)
     spec = read_spec(path)
     check_weights(path, spec, metadata_sha256, tag)
-    model = build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
+    model = build_for_spec(spec)
     load_checkpoint(model, path / WEIGHTS)
     device = choose_device()
     model = prepare_model(model, device).eval()

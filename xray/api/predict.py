@@ -141,7 +141,7 @@ class LocalPredictor:
             ImageTooLargeError,
             UnsupportedImageFormat,
             decode_grayscale,
-            resize_square,
+            fit_to_contract,
         )
 
         try:  # the upload is judged before any model is needed: a bad one is the caller's 4xx either way
@@ -156,7 +156,7 @@ class LocalPredictor:
         with self._lock:
             tag, loaded = self._model()
             spec = loaded.spec
-            pixels = resize_square(grey, spec.preprocessing.image_size)
+            pixels = fit_to_contract(grey, spec.preprocessing.image_size, spec.preprocessing)
             probabilities = loaded.predict_proba(pixels[None])[0]
             index = int(np.argmax(probabilities))
             overlay = gradcam_overlays(loaded.model, pixels[None], spec.preprocessing, [index])[0]

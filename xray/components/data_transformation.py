@@ -95,7 +95,18 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
         normalization=normalization,
         augmentation=to_jsonable(cfg.augment),
         grouped_by="patient" if grouped else "image",
+        **source_contract(ingestion),
     )
+
+
+def source_contract(ingestion: DataIngestionArtifact) -> dict[str, str | int]:
+    """MedMNIST-style ``.npz`` images were cut from full-size films: record how, for serving and the external check.
+
+    Folder and S3 sources hold the films themselves, so they need nothing beyond the plain resize.
+    """
+    if ingestion.source_kind != "npz":
+        return {}
+    return {"source_crop": "center_square", "source_size": ingestion.median_image_side, "source_filter": "bicubic"}
 
 
 def resolve_image_size(setting: int | str, median_side: int) -> int:

@@ -6,12 +6,16 @@ test numbers stay an honest estimate of what the chosen model will do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from xray import model_card, plots
 from xray.bootstrap import bootstrap_intervals, subgroup_metrics
@@ -20,17 +24,20 @@ from xray.entity.artifact_entity import (
     CandidateEvaluation,
     DataIngestionArtifact,
     DataTransformationArtifact,
+    EnsembleDecision,
     ModelEvaluationArtifact,
     ModelTrainerArtifact,
     SplitMetrics,
 )
-from xray.entity.config_entity import PipelineConfig
+from xray.entity.config_entity import EvaluationConfig, PipelineConfig
 from xray.explain import gradcam_overlays
-from xray.inference import choose_device, prepare_model, predict_proba
+from xray import selection
+from xray.external import ExternalSet, load_external
+from xray.inference import TTA_VIEWS, choose_device, predict_proba, prepare_model
 from xray.metrics import compute_metrics
-from xray.models import build_model, load_checkpoint
+from xray.models import ENSEMBLE, Ensemble, build_model, load_checkpoint
 from xray.operating_point import operating_point, positive_indices
-from xray.preprocessing import resize_batch
+from xray.preprocessing import Preprocessing, resize_batch
 from xray.store import RunDir, fingerprint, new_header
 from xray.typed import to_jsonable
 
@@ -61,37 +68,57 @@ def run(
     arrays = {k: np.load(run_dir.path / v) for k, v in transformation.arrays.items() if not k.startswith("train")}
     arrays = {k: resize_batch(v, preprocessing.image_size) if k.endswith("_x") else v for k, v in arrays.items()}
     device = choose_device()
+    scorer = _Scorer(arrays, preprocessing, device, classes, cfg)
 
-    evaluations, test_probs, val_probs, models, files = [], {}, {}, {}, []
+    models: dict[str, nn.Module] = {}
     for candidate in trainer.candidates:
         model = load_checkpoint(build_model(candidate.name, len(classes)), run_dir.path / candidate.checkpoint)
-        model = prepare_model(model, device)
-        scores = {}
-        for split in ("val", "test"):
-            probs = predict_proba(model, arrays[f"{split}_x"], preprocessing, device)
-            scores[split] = compute_metrics(arrays[f"{split}_y"], probs, classes, cfg.calibration_bins)
-            (test_probs if split == "test" else val_probs)[candidate.name] = probs
+        models[candidate.name] = prepare_model(model, device)
+        scorer.add(candidate.name, models[candidate.name], candidate.checkpoint)
+    if cfg.ensemble != "off" and len(trainer.candidates) >= 2:
+        names = tuple(c.name for c in trainer.candidates)
+        ensemble = Ensemble([models[n] for n in names], names)
+        checkpoint = out / f"{ENSEMBLE}.pt"
+        torch.save({k: v.detach().cpu() for k, v in ensemble.state_dict().items()}, checkpoint)
+        models[ENSEMBLE] = ensemble
+        scorer.add(ENSEMBLE, ensemble, run_dir.relative(checkpoint), members=names)
+    external_record: dict[str, Any] = {}
+    if cfg.external is not None:
+        external = load_external(cfg.external, dict(cfg.external_classes), classes, preprocessing)
+        scorer.score_external(models, external)
+        external_record = {
+            "uri": external.uri, "classes": dict(cfg.external_classes), "counts": external.counts,
+            "unreadable": list(external.unreadable),
+        }
+
+    evaluations = []
+    for name, scores in scorer.scores.items():
         cm_path = plots.confusion_matrix_png(
-            np.array(scores["test"].confusion_matrix), classes, f"{candidate.name}: test", out / f"confusion_{candidate.name}.png"
+            np.array(scores.test.confusion_matrix), classes, f"{name}: test", out / f"confusion_{name}.png"
         )
-        files.append(cm_path)
-        evaluations.append(
-            CandidateEvaluation(
-                name=candidate.name, validation=scores["val"], test=scores["test"],
-                plots={"confusion_matrix": run_dir.relative(cm_path)},
-            )
-        )
-        models[candidate.name] = model
+        evaluations.append(dataclasses.replace(scores, plots={"confusion_matrix": run_dir.relative(cm_path)}))
         logger.info(
-            "%s: val auc %.4f acc %.4f | test auc %.4f acc %.4f",
-            candidate.name, scores["val"].roc_auc, scores["val"].accuracy, scores["test"].roc_auc, scores["test"].accuracy,
+            "%s%s: val auc %.4f acc %.4f | test auc %.4f acc %.4f%s",
+            name, f" (tta: {', '.join(scores.tta)})" if scores.tta else "", scores.validation.roc_auc,
+            scores.validation.accuracy, scores.test.roc_auc, scores.test.accuracy,
+            f" | external auc {scores.external.roc_auc:.4f} acc {scores.external.accuracy:.4f}" if scores.external else "",
         )
+    files = [out / f"confusion_{e.name}.png" for e in evaluations]
+    if ENSEMBLE in models:
+        files.append(out / f"{ENSEMBLE}.pt")
 
     cv_stats = cross_validation_stats(trainer, cfg.selection_metric)
     cv_means = {name: stats["mean"] for name, stats in cv_stats.items()} or None
     basis = "cross_validation" if cv_means else "validation"
-    best = choose_best(evaluations, cfg.selection_metric, cv_means)
-    best_candidate = next(c for c in trainer.candidates if c.name == best.name)
+    members = [e for e in evaluations if e.name != ENSEMBLE]
+    best = choose_best(members, cfg.selection_metric, cv_means)
+    decision = None
+    if ENSEMBLE in models:
+        decision = decide_ensemble(members, best, scorer.val_probs, arrays["val_y"], cfg, cv_means)
+        if decision.chosen:
+            best = next(e for e in evaluations if e.name == ENSEMBLE)
+        logger.info("ensemble: %s", decision.reason)
+    test_probs = scorer.test_probs
     report_plots = {
         "roc_curves": plots.roc_curves_png(arrays["test_y"], test_probs, classes, "ROC, test split", out / "roc_curves.png"),
         "training_curves": plots.training_curves_png({c.name: c.history for c in trainer.candidates}, out / "training_curves.png"),
@@ -103,14 +130,14 @@ def run(
     if cv_stats:
         fold_values = {c.name: tuple(getattr(f, cfg.selection_metric) for f in c.cv_fold_metrics) for c in trainer.candidates}
         report_plots["cv_folds"] = plots.folds_png(fold_values, cfg.selection_metric, out / "cv_folds.png")
-    clinical = _clinical_evidence(config, run_dir, ingestion, transformation, arrays, val_probs[best.name], test_probs[best.name])
+    clinical = _clinical_evidence(config, run_dir, ingestion, transformation, arrays, scorer.val_probs[best.name], test_probs[best.name])
     card = model_card.build_card(
         run_dir.run_id, best.name, ingestion, transformation, clinical["intervals"], clinical["bootstrap"],
         clinical["operating_point"], clinical["subgroups"], f"{basis.replace('_', '-')} {cfg.selection_metric}",
     )
     card_json, card_md = model_card.write_card(card, out)
     files += [card_json, card_md]
-    table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out, cv_stats)
+    table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out, cv_stats, decision, external_record)
     files += [p for k, p in report_plots.items() if k != "confusion_matrix"] + [table_md, table_json]
     logger.info("best candidate by %s %s: %s", basis.replace("_", "-"), cfg.selection_metric, best.name)
     return ModelEvaluationArtifact(
@@ -120,7 +147,7 @@ def run(
         ),
         selection_metric=cfg.selection_metric,
         best_candidate=best.name,
-        best_checkpoint=best_candidate.checkpoint,
+        best_checkpoint=best.checkpoint,
         candidates=tuple(evaluations),
         comparison_markdown=run_dir.relative(table_md),
         comparison_json=run_dir.relative(table_json),
@@ -132,7 +159,80 @@ def run(
         model_card_json=run_dir.relative(card_json),
         model_card_markdown=run_dir.relative(card_md),
         image_size=preprocessing.image_size,
+        ensemble=decision,
+        external=external_record,
     )
+
+
+class _Scorer:
+    """Scores each model on validation and test with one TTA decision per model, made on validation."""
+
+    def __init__(
+        self, arrays: dict[str, np.ndarray], preprocessing: Preprocessing, device: torch.device,
+        classes: tuple[str, ...], cfg: EvaluationConfig,
+    ) -> None:
+        self.arrays, self.preprocessing, self.device, self.classes, self.cfg = arrays, preprocessing, device, classes, cfg
+        self.scores: dict[str, CandidateEvaluation] = {}
+        self.val_probs: dict[str, np.ndarray] = {}
+        self.test_probs: dict[str, np.ndarray] = {}
+
+    def probs(self, model: nn.Module, pixels: np.ndarray, tta: tuple[str, ...]) -> np.ndarray:
+        return predict_proba(model, pixels, self.preprocessing, self.device, tta=tta)
+
+    def metrics(self, split: str, probs: np.ndarray) -> SplitMetrics:
+        return compute_metrics(self.arrays[f"{split}_y"], probs, self.classes, self.cfg.calibration_bins)
+
+    def add(self, name: str, model: nn.Module, checkpoint: str, members: tuple[str, ...] = ()) -> None:
+        tta: tuple[str, ...] = TTA_VIEWS if self.cfg.tta == "on" else ()
+        val = self.metrics("val", val_probs := self.probs(model, self.arrays["val_x"], tta))
+        if self.cfg.tta == "auto":
+            flipped = self.metrics("val", flipped_probs := self.probs(model, self.arrays["val_x"], TTA_VIEWS))
+            if tta_helps(val, flipped, self.cfg.selection_metric):
+                tta, val, val_probs = TTA_VIEWS, flipped, flipped_probs
+        test_probs = self.probs(model, self.arrays["test_x"], tta)
+        self.val_probs[name], self.test_probs[name] = val_probs, test_probs
+        self.scores[name] = CandidateEvaluation(
+            name=name, validation=val, test=self.metrics("test", test_probs), checkpoint=checkpoint, members=members, tta=tta
+        )
+
+    def score_external(self, models: dict[str, nn.Module], external: ExternalSet) -> None:
+        for name, scores in self.scores.items():
+            probs = self.probs(models[name], external.pixels, scores.tta)
+            metrics = compute_metrics(external.labels, probs, self.classes, self.cfg.calibration_bins)
+            self.scores[name] = dataclasses.replace(scores, external=metrics)
+
+
+def tta_helps(plain: SplitMetrics, with_tta: SplitMetrics, metric: str) -> bool:
+    """Keep TTA only where validation improves: a higher selection metric, or the same and a lower loss."""
+    a, b = metric_value(plain, metric), metric_value(with_tta, metric)
+    return b > a or (b == a and with_tta.loss < plain.loss)
+
+
+def decide_ensemble(
+    members: list[CandidateEvaluation],
+    best: CandidateEvaluation,
+    val_probs: dict[str, np.ndarray],
+    val_y: np.ndarray,
+    cfg: EvaluationConfig,
+    cv_means: dict[str, float] | None = None,
+) -> EnsembleDecision:
+    """The ensemble wins when a bootstrap over validation cannot tell the two best members apart."""
+    runner_up = choose_best([e for e in members if e.name != best.name], cfg.selection_metric, cv_means)
+    comparison = selection.compare(
+        val_y, val_probs, best.name, runner_up.name, cfg.selection_metric, cfg.bootstrap_resamples, cfg.bootstrap_level
+    )
+    interval = (
+        f"{best.name} - {runner_up.name} validation {comparison.metric} = {comparison.difference:+.4f}, "
+        f"{comparison.level:.0%} bootstrap interval [{comparison.low:+.4f}, {comparison.high:+.4f}] over {comparison.resamples} resamples"
+    )
+    if cfg.ensemble == "always":
+        chosen, reason = True, f"evaluation.ensemble=always ({interval})"
+    elif comparison.cannot_tell:
+        chosen, reason = True, f"chosen: validation cannot tell the best members apart ({interval} reaches 0)"
+    else:
+        chosen, reason = False, f"not chosen: {best.name} is better beyond resampling noise ({interval} excludes 0)"
+    return EnsembleDecision(chosen=chosen, reason=reason, **dataclasses.asdict(comparison))
+
 
 
 def _clinical_evidence(
@@ -230,45 +330,70 @@ def _comparison(
     metric: str,
     out: Path,
     cv_stats: dict[str, dict[str, float]] | None = None,
+    decision: EnsembleDecision | None = None,
+    external: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     by_name = {c.name: c for c in trainer.candidates}
     rows = []
     for e in evaluations:
-        c = by_name[e.name]
+        trained = [by_name[m] for m in (e.members or (e.name,))]
         rows.append({
             "candidate": e.name,
             "chosen": e.name == best,
+            "members": list(e.members),
+            "tta": list(e.tta),
             "val_roc_auc": e.validation.roc_auc,
             "val_accuracy": e.validation.accuracy,
             "test_roc_auc": e.test.roc_auc,
             "test_accuracy": e.test.accuracy,
             "test_macro_f1": e.test.macro_f1,
             "test_ece": e.test.ece,
-            "best_epoch": c.best_epoch,
-            "epochs_run": len(c.history),
-            "train_seconds": c.train_seconds,
-            "images_per_second": c.images_per_second,
-            "parameters": c.parameters,
+            "external_roc_auc": e.external.roc_auc if e.external else None,
+            "external_accuracy": e.external.accuracy if e.external else None,
+            "best_epoch": None if e.members else trained[0].best_epoch,
+            "epochs_run": sum(len(c.history) for c in trained),
+            "train_seconds": round(sum(c.train_seconds for c in trained), 2),
+            "images_per_second": None if e.members else trained[0].images_per_second,
+            "parameters": sum(c.parameters for c in trained),
         })
-        if cv_stats:
+        if cv_stats and e.name in cv_stats:
             stats = cv_stats[e.name]
             rows[-1].update(cv_mean=stats["mean"], cv_std=stats["std"], cv_folds=int(stats["folds"]))
     json_path = out / "comparison.json"
     folds = int(next(iter(cv_stats.values()))["folds"]) if cv_stats else 0
     basis = f"{folds}-fold cross-validated {metric} (mean over folds of train+val)" if cv_stats else f"validation {metric}"
-    json_path.write_text(json.dumps({"selection_metric": basis, "best": best, "candidates": rows}, indent=2) + "\n")
-    header = "| candidate | val AUC | val acc | test AUC | test acc | test F1 | test ECE | epochs | img/s | params |"
-    lines = [f"Chosen by {basis}: **{best}**", "", header, "|" + "---|" * 10]
+    summary = {"selection_metric": basis, "best": best, "candidates": rows}
+    if decision is not None:
+        summary["ensemble"] = dataclasses.asdict(decision)
+    if external:
+        summary["external"] = external
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    with_external = any(r["external_accuracy"] is not None for r in rows)
+    header = "| candidate | TTA | val AUC | val acc | test AUC | test acc | test F1 | test ECE |"
+    header += " ext AUC | ext acc |" if with_external else ""
+    header += " epochs | img/s | params |"
+    lines = [f"Chosen by {basis}: **{best}**", "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         mark = " ✔" if r["chosen"] else ""
-        lines.append(
-            f"| {r['candidate']}{mark} | {r['val_roc_auc']:.4f} | {r['val_accuracy']:.4f} | {r['test_roc_auc']:.4f} | "
-            f"{r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['test_ece']:.4f} | {r['epochs_run']} | "
-            f"{r['images_per_second']:.0f} | {r['parameters']:,} |"
+        name = f"{r['candidate']} ({' + '.join(r['members'])})" if r["members"] else r["candidate"]
+        line = (
+            f"| {name}{mark} | {', '.join(r['tta']) or '-'} | {r['val_roc_auc']:.4f} | {r['val_accuracy']:.4f} | "
+            f"{r['test_roc_auc']:.4f} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['test_ece']:.4f} |"
         )
+        if with_external:
+            line += f" {r['external_roc_auc']:.4f} | {r['external_accuracy']:.4f} |"
+        img_s = "-" if r["images_per_second"] is None else f"{r['images_per_second']:.0f}"
+        line += f" {r['epochs_run']} | {img_s} | {r['parameters']:,} |"
+        lines.append(line)
+    if decision is not None:
+        lines += ["", f"Ensemble: {decision.reason}."]
+    if external:
+        counts = ", ".join(f"{name} {n}" for name, n in external["counts"].items())
+        lines += ["", f"External check: {external['uri']} ({counts} films; classes {external['classes']}), "
+                  "scored through the serving path (`load_for_model`)."]
     if cv_stats:
         lines += ["", f"Cross-validation, {metric} per candidate (mean ± std over {folds} folds):", ""]
-        lines += [f"- {r['candidate']}: {r['cv_mean']:.4f} ± {r['cv_std']:.4f}" for r in rows]
+        lines += [f"- {r['candidate']}: {r['cv_mean']:.4f} ± {r['cv_std']:.4f}" for r in rows if "cv_mean" in r]
         if any(c.cv_final_model == "retrain" for c in trainer.candidates):
             lines += ["", "The final models were retrained on train+val, so their validation numbers above are in-sample."]
     md_path = out / "comparison.md"

@@ -138,6 +138,8 @@ def model_spec(
         weights_sha256=sha256_file(checkpoint),
         metrics={"validation": to_jsonable(best.validation), "test": to_jsonable(best.test)},
         operating_point=evaluation.operating_point,
+        members=best.members,
+        tta=best.tta,
         seal_digest=seal_digest,
     )
 
@@ -180,12 +182,16 @@ def _add_to_store(
     metrics = spec.metrics
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
+    if best.members:
+        labels["members"] = "+".join(best.members)
     metadata = {
         "class_names": list(spec.class_names),
         "architecture": spec.architecture,
         "image_size": spec.preprocessing.image_size,
         "normalization": {"mean": spec.preprocessing.mean, "std": spec.preprocessing.std},
         "grayscale": True,
+        "members": list(spec.members),
+        "tta": list(spec.tta),
         "run_id": run_dir.run_id,
         "seal_digest": evidence,
         "data_uri": ingestion.source_uri,

@@ -120,6 +120,9 @@ def preprocessing_of(transformation: DataTransformationArtifact, image_size: int
         mean=transformation.normalization["mean"],
         std=transformation.normalization["std"],
         channels=transformation.channels,
+        source_crop=transformation.source_crop,
+        source_size=transformation.source_size,
+        source_filter=transformation.source_filter,
     )
 
 

@@ -8,6 +8,7 @@ so an auditor can check a run without trusting the code that wrote it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class DataTransformationArtifact:
     normalization: dict[str, float]  # mean, std applied after scaling to [0, 1]
     augmentation: dict[str, float | bool]  # train-only, applied on the fly per batch
     grouped_by: str = "none"  # how val/test were carved: by patient group, or by image (duplicates together)
+    # how the source's images were made from full-size films (MedMNIST .npz: centre square, 28 px, bicubic),
+    # so serving and the external check shrink a full-size film the same way (see xray/preprocessing.py)
+    source_crop: str = "none"
+    source_size: int = 0
+    source_filter: str = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,27 @@ class CandidateEvaluation:
     validation: SplitMetrics
     test: SplitMetrics
     plots: dict[str, str] = field(default_factory=dict)
+    checkpoint: str = ""  # run-relative weights (the trainer's, or the ensemble's written by evaluation)
+    members: tuple[str, ...] = ()  # an ensemble's member candidates
+    tta: tuple[str, ...] = ()  # test-time views used for every score below (and by serving)
+    external: SplitMetrics | None = None  # the external check (evaluation.external), when configured
+
+
+@dataclass(frozen=True)
+class EnsembleDecision:
+    """Why the ensemble was or was not chosen: the bootstrap interval of the best two members' difference."""
+
+    chosen: bool
+    reason: str
+    leader: str
+    runner_up: str
+    metric: str
+    difference: float
+    low: float
+    high: float
+    level: float
+    resamples: int
+    cannot_tell: bool
 
 
 @dataclass(frozen=True)
@@ -282,6 +309,8 @@ class ModelEvaluationArtifact:
     model_card_json: str = ""  # run-relative paths of the model card
     model_card_markdown: str = ""
     image_size: int = 0  # the size the models were trained and scored at (0: the transformation's)
+    ensemble: EnsembleDecision | None = None
+    external: dict[str, Any] = field(default_factory=dict)  # uri, class map, counts per class, unreadable files
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,9 @@ class AugmentConfig:
     scale: float = 0.10
     brightness: float = 0.10
     contrast: float = 0.10
+    gamma: float = 0.0  # log-uniform gamma in [1/(1+g), 1+g]: another scanner's tone curve
+    blur: float = 0.0  # Gaussian blur, sigma up to this many pixels, on half the images: softer detectors
+    noise: float = 0.0  # Gaussian noise, std up to this (on the 0..1 scale): noisier exposures
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,14 @@ class EvaluationConfig:
     gradcam_per_class: int = 3
     calibration_bins: int = 15
     operating_point: OperatingPointConfig = field(default_factory=OperatingPointConfig)
-    bootstrap_resamples: int = 1000  # test-set bootstrap for 95 % intervals
+    bootstrap_resamples: int = 1000  # test-set 95 % intervals, and validation's "cannot tell apart" (ensemble)
     bootstrap_seed: int = 0
     subgroup_min_count: int = 30  # subgroups smaller than this are reported and flagged as small
+    ensemble: str = "auto"  # auto: averaged candidates win when validation cannot tell the best two apart | always | off
+    bootstrap_level: float = 0.95  # the interval's coverage
+    tta: str = "auto"  # test-time hflip averaging: auto (kept per model where it helps validation) | on | off
+    external: str | None = None  # a folder of CLASS/ subfolders from another source, scored like /predict
+    external_classes: dict[str, str] = field(default_factory=dict)  # model class -> subfolder of external
 
 
 @dataclass(frozen=True)

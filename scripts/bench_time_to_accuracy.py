@@ -1,0 +1,194 @@
+"""Time to accuracy: the seed recipe vs `xray train` with its defaults, on one fixed carve of Covid19.
+
+The Covid19 train set is split once (stratified, fixed seed) into a train part
+and a held-out part, written as ImageFolder dirs of hard links in a temp dir.
+Both sides train on the train part only; neither sees the held-out part.
+
+* seed: ``python ../shared/reference/seed_train_loop.py TRAIN --test HOLDOUT``
+  (DenseNet-121 224 px from scratch, AdamW 1e-4, batch 16, 15 epochs, best epoch by
+  validation accuracy): its own wall time and held-out accuracy.
+* xray: ``xray train --data TRAIN`` with the default config (artifacts and model store
+  in the temp dir), then the chosen model is scored on the held-out films the way the
+  Bento does: ``load_model_dir`` + ``load_for_model`` + ``predict_proba`` (TTA included).
+
+Prints wall time and held-out accuracy of each, ``time ratio`` = seed time / xray time,
+and the CPU kind. Goal: ratio >= 5 at accuracy >= the seed's.
+
+    flock /tmp/xray-bench.lock .venv/bin/python scripts/bench_time_to_accuracy.py
+    ... --seed-epochs 2 --set trainer.epochs=2     # a quick smoke run (not the reported figure)
+    ... --seed-result runs/seed.json               # reuse a seed run on the same carve (it is checked)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def cpu_kind() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), platform.machine())
+    kind = "AVX-512 bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    return f"{model}; {kind}; {os.cpu_count()} cores"
+
+
+def carve(data: Path, out: Path, fraction: float, seed: int) -> tuple[Path, Path, str]:
+    """Stratified train / held-out split as ImageFolder dirs of hard links; returns a digest of the held-out list."""
+    from sklearn.model_selection import train_test_split
+
+    files = sorted(p for p in data.glob("*/*") if p.suffix.lower() in SUFFIXES)
+    labels = [p.parent.name for p in files]
+    train, holdout = train_test_split(files, test_size=fraction, random_state=seed, stratify=labels)
+    for name, part in (("train", train), ("holdout", holdout)):
+        for path in part:
+            target = out / name / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                target.symlink_to(path.resolve())
+    digest = hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for p in sorted(holdout)).encode()).hexdigest()[:16]
+    return out / "train", out / "holdout", digest
+
+
+def run_seed(train: Path, holdout: Path, epochs: int, max_batches: int = 0) -> dict:
+    script = SHARED / "reference" / "seed_train_loop.py"
+    command = [sys.executable, str(script), str(train), "--test", str(holdout), "--epochs", str(epochs)]
+    if max_batches:
+        command += ["--max-batches", str(max_batches)]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"seed recipe failed:\n{proc.stderr[-3000:]}")
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "wall_s": wall,
+        "train_s": sum(e["train_s"] for e in final["epochs"]),
+        "epochs": epochs,
+        "val_acc": final["best_val_acc"],
+        "holdout_acc": final["test_acc"],
+    }
+
+
+def run_xray(train: Path, holdout: Path, work: Path, overrides: list[str]) -> dict:
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "xray", "train", "--data", str(train), "--set", f"artifacts_dir={work / 'artifacts'}", "-q"]
+    for item in overrides:
+        command += ["--set", item]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"xray train failed:\n{proc.stderr[-3000:]}")
+    run_dir = next(p for p in sorted((work / "artifacts").iterdir()) if (p / "manifest.json").is_file())
+    scored = score_like_serving(run_dir, holdout, work / "model")
+    return {"wall_s": wall, **scored}
+
+
+def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
+    """The chosen model written exactly as the pusher writes it, loaded and fed exactly as the Bento does."""
+    import numpy as np
+
+    from xray.components.model_trainer import preprocessing_of
+    from xray.entity.artifact_entity import DataTransformationArtifact, ModelEvaluationArtifact, ModelTrainerArtifact
+    from xray.preprocessing import load_for_model
+    from xray.serving_model import ModelSpec, load_model_dir, write_model_dir
+    from xray.store import load_typed, sha256_file
+
+    evaluation = load_typed(ModelEvaluationArtifact, run_dir / "model_evaluation" / "artifact.json")
+    transformation = load_typed(DataTransformationArtifact, run_dir / "data_transformation" / "artifact.json")
+    trainer = load_typed(ModelTrainerArtifact, run_dir / "model_trainer" / "artifact.json")
+    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    checkpoint = run_dir / evaluation.best_checkpoint
+    spec = ModelSpec(best.name, transformation.class_names, preprocessing_of(transformation), run_dir.name, "",
+                     sha256_file(checkpoint), {}, members=best.members, tta=best.tta)
+    model_dir.mkdir(parents=True)
+    write_model_dir(model_dir, spec, checkpoint)
+    loaded = load_model_dir(model_dir, "auto")
+    films = sorted(p for p in holdout.glob("*/*") if p.suffix.lower() in SUFFIXES)
+    names = list(spec.class_names)
+    labels = np.array([names.index(p.parent.name) for p in films])
+    pixels = np.stack([load_for_model(p, spec.preprocessing) for p in films])
+    correct = int((loaded.predict_proba(pixels).argmax(1) == labels).sum())
+    return {
+        "holdout_correct": correct,
+        "holdout_total": len(films),
+        "holdout_acc": correct / len(films),
+        "chosen": best.name + (f" ({'+'.join(best.members)})" if best.members else ""),
+        "selection": evaluation.ensemble.reason if evaluation.ensemble else f"best validation {evaluation.selection_metric}",
+        "val_acc": best.validation.accuracy,
+        "image_size": transformation.image_size,
+        "train_s": round(sum(c.train_seconds for c in trainer.candidates), 1),
+        "tta": list(best.tta),
+        "precision": loaded.precision,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=SHARED / "datasets" / "covid19-3class" / "train")
+    parser.add_argument("--holdout-fraction", type=float, default=0.25)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--seed-epochs", type=int, default=15, help="the seed recipe's epochs (15: the reported figure)")
+    parser.add_argument("--seed-max-batches", type=int, default=0, help="batches per seed epoch (0: all; smoke runs)")
+    parser.add_argument("--seed-result", type=Path, help="JSON file: reuse the seed run stored there (same carve and "
+                        "epochs, checked) or store this run's seed result there")
+    parser.add_argument("--skip-xray", action="store_true", help="run the seed side only (to fill --seed-result)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="xray config override (not the "
+                        "reported figure)")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"dataset not found: {args.data} (needs ../shared)")
+    print(f"CPU: {cpu_kind()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="xray-tta-bench-") as tmp:
+        train, holdout, digest = carve(args.data, Path(tmp) / "split", args.holdout_fraction, args.split_seed)
+        n_train, n_hold = sum(1 for _ in train.glob("*/*")), sum(1 for _ in holdout.glob("*/*"))
+        print(f"carve: train {n_train} films, held-out {n_hold} (stratified, seed {args.split_seed}, held-out digest {digest})", flush=True)
+        seed = None
+        if args.seed_result and args.seed_result.exists():
+            stored = json.loads(args.seed_result.read_text())
+            same = (stored.get("holdout_digest"), stored.get("epochs"), stored.get("max_batches", 0))
+            if same == (digest, args.seed_epochs, args.seed_max_batches):
+                seed = stored
+                print(f"seed: reusing {args.seed_result} (measured {stored['measured_at']} on {stored['cpu']})", flush=True)
+        if seed is None:
+            seed = run_seed(train, holdout, args.seed_epochs, args.seed_max_batches)
+            seed.update(max_batches=args.seed_max_batches, holdout_digest=digest, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), cpu=cpu_kind())
+            if args.seed_result:
+                args.seed_result.parent.mkdir(parents=True, exist_ok=True)
+                args.seed_result.write_text(json.dumps(seed, indent=2) + "\n")
+        print("seed:", json.dumps(seed), flush=True)
+        if args.skip_xray:
+            return
+        ours = run_xray(train, holdout, Path(tmp) / "xray", args.overrides)
+        print("xray:", json.dumps(ours), flush=True)
+    print()
+    print(f"{'':<22}{'seed':>12}{'xray':>12}")
+    print(f"{'wall time (s)':<22}{seed['wall_s']:>12.1f}{ours['wall_s']:>12.1f}")
+    print(f"{'train time (s)':<22}{seed['train_s']:>12.1f}{ours['train_s']:>12.1f}")
+    print(f"{'held-out accuracy':<22}{seed['holdout_acc']:>12.4f}{ours['holdout_acc']:>12.4f}"
+          f"   ({round(seed['holdout_acc'] * n_hold)}/{n_hold} vs {ours['holdout_correct']}/{n_hold})")
+    print(f"time ratio (seed / xray wall): {seed['wall_s'] / ours['wall_s']:.2f}x; "
+          f"xray chose {ours['chosen']} at {ours['image_size']} px ({ours['selection']})")
+    if args.overrides or args.seed_epochs != 15 or args.seed_max_batches:
+        print("note: not the reported figure (overrides or a shortened seed recipe)")
+
+
+if __name__ == "__main__":
+    main()
