@@ -34,6 +34,13 @@ def needs_shared(path: Path) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not path.exists(), reason=f"shared dataset not found at {path} (../shared is absent)")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """BentoML fixes its home when first imported, and collecting the test modules imports it: so the
+    session's private home must be in the environment before collection, not only from the fixtures on."""
+    os.environ["BENTOML_HOME"] = str(config._tmp_path_factory.getbasetemp() / "bentoml-home")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def signing_keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One run-sealing key and one BentoML home for the session, never the developer's ~/.config/xray or ~/bentoml.

@@ -19,6 +19,7 @@ from xray.inference import choose_precision, predict_proba
 from xray.models import build_model
 from xray.preprocessing import Preprocessing
 from xray.serving_model import ModelSpec, load_model_dir, write_model_dir
+from xray.store import sha256_file
 from xray.service import ServingSettings
 
 from .test_trainer import FAST
@@ -80,7 +81,7 @@ def test_each_forced_precision_trains_and_predicts_like_fp32(precision: str, tmp
     checkpoint, model_dir = tmp_path / "best.pt", tmp_path / "model"
     model_dir.mkdir()
     torch.save(result.state_dict, checkpoint)
-    spec = ModelSpec("simple_cnn", ("left", "right"), preprocessing, "test", "none", "", {})
+    spec = ModelSpec("simple_cnn", ("left", "right"), preprocessing, "test", "none", sha256_file(checkpoint), {})
     write_model_dir(model_dir, spec, checkpoint)
     settings = ServingSettings.from_env({"XRAY_PRECISION": precision})
     served = load_model_dir(model_dir, settings.precision)

@@ -145,6 +145,14 @@ def _load_seal(path: Path) -> SealDocument:
     return SealDocument(raw["body"], base64.b64decode(raw["signature"], validate=True))
 
 
+def seal_digest_of(run_path: Path) -> str | None:
+    """The digest of the run's final seal as recorded (None: not sealed, or not a seal); not a verification."""
+    try:
+        return _load_seal(run_path / SEAL).digest
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------- sealing
 
 

@@ -26,14 +26,14 @@ from typing import Any
 
 from xray.config import flatten
 from xray.errors import XrayError
-from xray.store import load_manifest, load_stage_artifact, sha256_file
+from xray.seal import seal_digest_of
+from xray.store import load_manifest, load_stage_artifact
 
 logger = logging.getLogger(__name__)
 
 RUN_TAG = "xray.run_id"
 MODEL_ARTIFACT = "model"
 CHAMPION = "champion"
-_SEAL_FILES = ("seal.json", "model_pusher/seal.json")
 _ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_roc_auc", "learning_rate")
@@ -54,19 +54,8 @@ def _millis(iso: str | None) -> int | None:
 
 
 def seal_digest(run_path: Path) -> str:
-    """The run seal's digest if the run has one (a ``seal.json``), else ``unsealed``."""
-    for name in _SEAL_FILES:
-        path = run_path / name
-        if path.is_file():
-            try:
-                seal = json.loads(path.read_text())
-            except ValueError:
-                seal = {}
-            for key in ("digest", "manifest_sha256", "sha256"):
-                if isinstance(seal, dict) and isinstance(seal.get(key), str):
-                    return seal[key]
-            return sha256_file(path)
-    return "unsealed"
+    """The run seal's digest if the run is sealed, else ``unsealed`` (``xray runs verify`` checks it)."""
+    return seal_digest_of(run_path) or "unsealed"
 
 
 @contextmanager
