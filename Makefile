@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 # Demo-only overrides (real data keep the defaults): 32 px phantoms, 10 epochs, and an 80 s training
 # budget, so both candidate families train, pass the gate and push within ~2 minutes on either CPU kind.
 DEMO_OVERRIDES := --set trainer.min_steps=0 --set transformation.image_size=32 --set trainer.epochs=10 \
-	--set trainer.time_budget=80s
+	--set trainer.time_budget=110s
 demo: install
 	$(XRAY) data demo $(DEMO_DIR)/data
 	$(PY) scripts/s3_server.py start --dir $(DEMO_DIR)/s3 --port $(S3_PORT) --bucket xray-data
