@@ -116,7 +116,8 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     trainer = load_typed(ModelTrainerArtifact, run_dir / "model_trainer" / "artifact.json")
     best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
     checkpoint = run_dir / evaluation.best_checkpoint
-    spec = ModelSpec(best.name, transformation.class_names, preprocessing_of(transformation), run_dir.name, "",
+    trained_size = trainer.architecture_input["image_size"]  # the time budget may have shrunk the image
+    spec = ModelSpec(best.name, transformation.class_names, preprocessing_of(transformation, trained_size), run_dir.name, "",
                      sha256_file(checkpoint), {}, members=best.members, tta=best.tta)
     model_dir.mkdir(parents=True)
     write_model_dir(model_dir, spec, checkpoint)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from xray import distributed
 from xray.augment import augment_batch
 from xray.capability import capability
-from xray.components.training_budget import candidate_deadline, plan_training, training_deadline
+from xray.components.training_budget import candidate_deadline, effective_budget, plan_training, training_deadline
 from xray.config import parse_duration
 from xray.distributed import DistContext
 from xray.entity.artifact_entity import (
@@ -270,6 +270,7 @@ def make_plan(
     budget = parse_duration(cfg.time_budget)
     if budget is None:
         return None, None
+    budget = effective_budget(budget, cfg.budget_per_image, len(data.train_y))
     deadline = training_deadline(started, budget)
     plan = None
     if dist is None or dist.is_lead:
@@ -292,7 +293,8 @@ def make_plan(
             capability=capability().describe() if device.type == "cpu" else f"cuda: {torch.cuda.get_device_name(device)}",
         )
         logger.info(
-            "time budget %s: %s at %d px (measured in %.1f s)%s", cfg.time_budget,
+            "time budget %s (%.0f s for %d training images): %s at %d px (measured in %.1f s)%s",
+            cfg.time_budget, budget, len(data.train_y),
             ", ".join(f"{c.name} {c.planned_epochs}/{c.wanted_epochs} epochs ~{c.planned_seconds:.0f} s" for c in plan.candidates),
             plan.image_size, plan.planning_seconds, "".join(f"; dropped {d.name}" for d in plan.dropped),
         )
