@@ -156,7 +156,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"dataset not found: {args.data} (needs ../shared)")
+    from xray.capability import capability
+
     print(f"CPU: {cpu_kind()}", flush=True)
+    print(capability().describe(), flush=True)
     with tempfile.TemporaryDirectory(prefix="xray-tta-bench-") as tmp:
         train, holdout, digest = carve(args.data, Path(tmp) / "split", args.holdout_fraction, args.split_seed)
         n_train, n_hold = sum(1 for _ in train.glob("*/*")), sum(1 for _ in holdout.glob("*/*"))
