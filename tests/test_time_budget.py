@@ -9,18 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from xray.components.model_trainer import TrainingData, fit, planned_schedule
-from xray.components.training_budget import (
+from xray.training.budget import (
     MIN_USEFUL_EPOCHS,
     allocate_epochs,
     candidate_deadline,
     plan_training,
+    planned_schedule,
 )
 from xray.config import parse_duration
 from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, TrainingPlan
 from xray.entity.config_entity import AugmentConfig
 from xray.errors import ConfigError
 from xray.preprocessing import Preprocessing
+from xray.training.fit import TrainingData, fit
 
 from .conftest import run_cli, tiny_args
 from .test_trainer import FAST, separable
