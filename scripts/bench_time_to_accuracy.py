@@ -115,7 +115,8 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     trainer = load_typed(ModelTrainerArtifact, run_dir / "model_trainer" / "artifact.json")
     best = evaluation.chosen()
     checkpoint = run_dir / evaluation.best_checkpoint
-    spec = ModelSpec(best.name, transformation.class_names, transformation.preprocessing(), run_dir.name, "",
+    trained_size = trainer.architecture_input["image_size"]  # the time budget may have shrunk the image
+    spec = ModelSpec(best.name, transformation.class_names, transformation.preprocessing(trained_size), run_dir.name, "",
                      sha256_file(checkpoint), {}, members=best.members, tta=best.tta)
     model_dir.mkdir(parents=True)
     write_model_dir(model_dir, spec, checkpoint)

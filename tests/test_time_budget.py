@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
 
-from xray.training.budget import (
-    MIN_USEFUL_EPOCHS,
-    allocate_epochs,
-    candidate_deadline,
-    plan_training,
-    planned_schedule,
-)
 from xray.config import parse_duration
 from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, TrainingPlan
 from xray.entity.config_entity import AugmentConfig
 from xray.errors import ConfigError
 from xray.preprocessing import Preprocessing
+from xray.training.budget import (
+    MIN_SCALED_BUDGET_S,
+    MIN_USEFUL_EPOCHS,
+    allocate_epochs,
+    candidate_deadline,
+    effective_budget,
+    plan_training,
+    planned_schedule,
+)
 from xray.training.fit import TrainingData, fit
 
 from .conftest import run_cli, tiny_args
@@ -159,7 +162,7 @@ def test_a_tiny_budget_is_planned_recorded_and_respected(tmp_path: Path) -> None
     assert planned["wanted_epochs"] == 1000 and 1 <= planned["planned_epochs"] < 1000  # 1000 epochs never fit in 4 s
     (candidate,) = trainer["candidates"]
     assert len(candidate["history"]) <= planned["planned_epochs"]
-    assert "time budget 4s: simple_cnn" in result.stderr
+    assert re.search(r"time budget 4s \(4 s for \d+ training images\): simple_cnn", result.stderr)
 
 
 def test_where_measuring_was_slow_smaller_sizes_are_scaled_not_measured_again() -> None:
@@ -172,3 +175,11 @@ def test_where_measuring_was_slow_smaller_sizes_are_scaled_not_measured_again() 
     assert plan.image_size == 64 and [c.planned_epochs for c in plan.candidates] == [100, 23]
     assert [t.measured for t in plan.timings] == [True, True, False, False, False, False]
     assert plan.timings[-1].seconds_per_epoch == 8.0 and plan.timings[-1].image_size == 64
+
+
+def test_a_small_dataset_gets_a_budget_in_proportion_to_its_images() -> None:
+    assert effective_budget(900.0, 1.0, 132) == 132.0  # the Covid19 train split: about two minutes
+    assert effective_budget(900.0, 1.0, 4002) == 900.0  # PneumoniaMNIST: the whole time_budget
+    assert effective_budget(900.0, 1.0, 20) == MIN_SCALED_BUDGET_S  # never below a minute
+    assert effective_budget(30.0, 1.0, 20) == 30.0  # ... unless time_budget itself is shorter
+    assert effective_budget(900.0, 0.0, 132) == 900.0  # 0: off

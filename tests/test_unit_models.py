@@ -105,3 +105,12 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trained(x))
+
+
+def test_simple_cnn_strides_its_first_conv_only_on_full_size_inputs() -> None:
+    model = build_model("simple_cnn", 3).eval()
+    first_block = model.features[0]
+    with torch.no_grad():
+        assert first_block(torch.zeros(1, 1, 64, 64)).shape[-1] == 32  # MedMNIST size: full resolution, then pooled
+        assert first_block(torch.zeros(1, 1, 128, 128)).shape[-1] == 32  # full-size: strided, then pooled
+        assert model(torch.zeros(2, 1, 128, 128)).shape == (2, 3)

@@ -53,6 +53,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "trainer.ema_epochs": (0, 10_000),
     "trainer.early_stopping_patience": (0, 10_000),
     "trainer.min_steps": (0, 10_000_000),
+    "trainer.budget_per_image": (0, 3600),
     "trainer.num_threads": (0, 1024),
     "trainer.max_batches_per_epoch": (0, 1_000_000_000),
     "trainer.seed": (0, _SEED_MAX),

@@ -29,6 +29,7 @@ TRAIN_OVERRIDES = (
     "trainer.seed",
     "trainer.cv_folds",
     "trainer.time_budget",
+    "trainer.budget_per_image",
     "transformation.image_size",
     "transformation.seed",
 )

@@ -179,6 +179,21 @@ def scaled(timing: CandidateTiming, size: int) -> CandidateTiming:
     )
 
 
+MIN_SCALED_BUDGET_S = 60.0  # trainer.budget_per_image never cuts the budget below this
+
+
+def effective_budget(budget_s: float, per_image_s: float, train_images: int) -> float:
+    """``trainer.time_budget``, capped at ``budget_per_image`` seconds per training image (never below a minute).
+
+    On the Covid19 train set a 3-fold CV accuracy of 0.90 was the same after 30
+    and 60 epochs (and at 128 and 256 px): a small dataset stops paying for
+    time long before a budget sized for thousands of images runs out.
+    """
+    if per_image_s <= 0:
+        return budget_s
+    return min(budget_s, max(MIN_SCALED_BUDGET_S, per_image_s * train_images))
+
+
 def training_deadline(stage_started: float, budget_s: float) -> float:
     """time.monotonic() by which training must end: TRAINING_SHARE of the budget after the stage started."""
     return stage_started + budget_s * TRAINING_SHARE
@@ -204,6 +219,7 @@ def make_plan(
     budget = parse_duration(cfg.time_budget)
     if budget is None:
         return None, None
+    budget = effective_budget(budget, cfg.budget_per_image, len(data.train_y))
     deadline = training_deadline(started, budget)
     plan = None
     if ranks.is_lead:
@@ -225,7 +241,8 @@ def make_plan(
             capability=capability().describe() if device.type == "cpu" else f"cuda: {torch.cuda.get_device_name(device)}",
         )
         logger.info(
-            "time budget %s: %s at %d px (measured in %.1f s)%s", cfg.time_budget,
+            "time budget %s (%.0f s for %d training images): %s at %d px (measured in %.1f s)%s",
+            cfg.time_budget, budget, len(data.train_y),
             ", ".join(f"{c.name} {c.planned_epochs}/{c.wanted_epochs} epochs ~{c.planned_seconds:.0f} s" for c in plan.candidates),
             plan.image_size, plan.planning_seconds, "".join(f"; dropped {d.name}" for d in plan.dropped),
         )
