@@ -78,22 +78,30 @@ def fake_measure(per_epoch_at_128: dict[str, float], calls: list[tuple[str, int]
     return measure
 
 
+def test_every_candidate_gets_its_floor_before_anyone_gets_more() -> None:
+    # 700 s: 10 epochs each cost 100 + 500 = 600 s; the other 100 s are shared: a 5 more, b 1 more.
+    assert allocate_epochs(700.0, {"a": 10.0, "b": 50.0}, {"a": 30, "b": 30}, floor=10) == {"a": 15, "b": 11}
+    # Plain equal shares would have left b below a useful schedule.
+    assert allocate_epochs(700.0, {"a": 10.0, "b": 50.0}, {"a": 30, "b": 30}) == {"a": 30, "b": 8}
+    # Where the floors do not all fit, equal shares decide (and the planner shrinks or drops).
+    assert allocate_epochs(500.0, {"a": 10.0, "b": 50.0}, {"a": 30, "b": 30}, floor=10) == {"a": 25, "b": 5}
+
+
 def test_the_image_shrinks_before_any_candidate_is_dropped() -> None:
     calls: list[tuple[str, int]] = []
     plan = plan_training(
         ["simple_cnn", "densenet121"], wanted_epochs=100, image_size=128, steps_per_epoch=3, budget_s=300,
         measure=fake_measure({"simple_cnn": 2.0, "densenet121": 32.0}, calls), remaining_s=lambda: 240.0,
     )
-    # At 128 px densenet121 gets 10 s ... 240 - 2*100... : (240 - 0)/2 = 120 s share -> 3 epochs < floor; at 96 px
-    # an epoch costs 18 s: simple_cnn takes 100 x 1.125 = 112.5 s, densenet121 gets 127.5 s = 7 epochs < floor;
-    # at 64 px (8 s) simple_cnn takes 50 s, densenet121 gets 190 s = 23 epochs.
-    assert plan.image_size == 64 and plan.source_image_size == 128
-    assert [c.planned_epochs for c in plan.candidates] == [100, 23]
-    assert calls == [(n, s) for s in (128, 96, 64) for n in ("simple_cnn", "densenet121")]
-    assert len(plan.timings) == 6 and plan.dropped == ()
+    # At 128 px ten epochs each cost 20 + 320 s > 240 s, and equal shares give densenet121 3 epochs < floor.
+    # At 96 px (1.125 and 18 s per epoch) the floors cost 191.25 s; the other 48.75 s are shared:
+    # simple_cnn 21 more epochs (23.6 s), densenet121 1 more (18 s).
+    assert plan.image_size == 96 and plan.source_image_size == 128
+    assert [c.planned_epochs for c in plan.candidates] == [31, 11]
+    assert calls == [(n, s) for s in (128, 96) for n in ("simple_cnn", "densenet121")]
+    assert len(plan.timings) == 4 and plan.dropped == ()
     assert plan.decisions[0].startswith("image size 128 -> 96 px: densenet121 would get")
-    assert plan.decisions[1].startswith("image size 96 -> 64 px")
-    assert plan.decisions[2] == "densenet121: 23 of 100 epochs fit the budget"
+    assert plan.decisions[1:] == ("simple_cnn: 31 of 100 epochs fit the budget", "densenet121: 11 of 100 epochs fit the budget")
 
 
 def test_the_most_expensive_candidate_is_dropped_when_shrinking_is_not_enough() -> None:
@@ -172,9 +180,9 @@ def test_where_measuring_was_slow_smaller_sizes_are_scaled_not_measured_again() 
         measure=fake_measure({"simple_cnn": 2.0, "densenet121": 32.0}, calls), remaining_s=lambda: 240.0,
     )
     assert calls == [("simple_cnn", 128), ("densenet121", 128)]
-    assert plan.image_size == 64 and [c.planned_epochs for c in plan.candidates] == [100, 23]
-    assert [t.measured for t in plan.timings] == [True, True, False, False, False, False]
-    assert plan.timings[-1].seconds_per_epoch == 8.0 and plan.timings[-1].image_size == 64
+    assert plan.image_size == 96 and [c.planned_epochs for c in plan.candidates] == [31, 11]
+    assert [t.measured for t in plan.timings] == [True, True, False, False]
+    assert plan.timings[-1].seconds_per_epoch == 18.0 and plan.timings[-1].image_size == 96
 
 
 def test_a_small_dataset_gets_a_budget_in_proportion_to_its_images() -> None:
