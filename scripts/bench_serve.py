@@ -18,6 +18,7 @@ ours / reference.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -73,20 +74,20 @@ def push_densenet(home: Path) -> str:
 
     torch.manual_seed(0)
     model = build_model("densenet121", len(CLASSES))
+    checkpoint = Path(tempfile.mkdtemp(prefix="xray-bench-")) / "random.pt"
+    torch.save(model.state_dict(), checkpoint)
     spec = ModelSpec(
         architecture="densenet121",
         class_names=CLASSES,
         preprocessing=Preprocessing(image_size=224, mean=0.5, std=0.25),
         run_id="bench-random-init",
         data_fingerprint="none",
-        weights_sha256="",
+        weights_sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest(),  # serving refuses weights that differ
         metrics={},
     )
     with bentoml.models.create(DEFAULT_MODEL_NAME, labels={"stage": "bench"}, metadata={}) as stored:
-        checkpoint = Path(stored.path) / "random.pt"
-        torch.save(model.state_dict(), checkpoint)
         write_model_dir(Path(stored.path), spec, checkpoint)
-        checkpoint.unlink()
+    checkpoint.unlink()
     return str(stored.tag)
 
 

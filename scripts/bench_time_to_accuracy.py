@@ -133,7 +133,7 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
         "chosen": best.name + (f" ({'+'.join(best.members)})" if best.members else ""),
         "selection": evaluation.ensemble.reason if evaluation.ensemble else f"best validation {evaluation.selection_metric}",
         "val_acc": best.validation.accuracy,
-        "image_size": transformation.image_size,
+        "image_size": trained_size,
         "train_s": round(sum(c.train_seconds for c in trainer.candidates), 1),
         "tta": list(best.tta),
         "precision": loaded.precision,
