@@ -105,7 +105,6 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     """The chosen model written exactly as the pusher writes it, loaded and fed exactly as the Bento does."""
     import numpy as np
 
-    from xray.components.model_trainer import preprocessing_of
     from xray.entity.artifact_entity import DataTransformationArtifact, ModelEvaluationArtifact, ModelTrainerArtifact
     from xray.preprocessing import load_for_model
     from xray.serving_model import ModelSpec, load_model_dir, write_model_dir
@@ -114,10 +113,10 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     evaluation = load_typed(ModelEvaluationArtifact, run_dir / "model_evaluation" / "artifact.json")
     transformation = load_typed(DataTransformationArtifact, run_dir / "data_transformation" / "artifact.json")
     trainer = load_typed(ModelTrainerArtifact, run_dir / "model_trainer" / "artifact.json")
-    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    best = evaluation.chosen()
     checkpoint = run_dir / evaluation.best_checkpoint
     trained_size = trainer.architecture_input["image_size"]  # the time budget may have shrunk the image
-    spec = ModelSpec(best.name, transformation.class_names, preprocessing_of(transformation, trained_size), run_dir.name, "",
+    spec = ModelSpec(best.name, transformation.class_names, transformation.preprocessing(trained_size), run_dir.name, "",
                      sha256_file(checkpoint), {}, members=best.members, tta=best.tta)
     model_dir.mkdir(parents=True)
     write_model_dir(model_dir, spec, checkpoint)

@@ -81,7 +81,9 @@ from xray.config import load_config
 from xray.inference import choose_device, predict_proba, prepare_model
 from xray.models import build_model
 from xray.preprocessing import load_pixels
-from xray.store import RunDir, code_hash
+from xray.stage import run_alone
+from xray.store import RunDir
+from xray.training.fit import fit
 overrides = ["trainer.candidates=[densenet121]", "trainer.batch_size=16", "trainer.epochs={epochs}",
              "trainer.max_batches_per_epoch={max_batches}", "trainer.early_stopping_patience=0",
              "trainer.min_steps=0", "trainer.ema_epochs=0",
@@ -90,14 +92,13 @@ overrides = ["trainer.candidates=[densenet121]", "trainer.batch_size=16", "train
              "trainer.class_weighting=none", "ingestion.min_images_per_class=2"]
 config = load_config(None, overrides, data_uri={str(train)!r})
 run = RunDir.create(__import__("pathlib").Path({str(out)!r}), {{}}, "bench")
-code = code_hash()
 t0 = time.perf_counter()
-ing = data_ingestion.run(config, run, code)
-tr = data_transformation.run(config, run, ing, code)
+ing = run_alone(data_ingestion, config, run)
+tr = run_alone(data_transformation, config, run, ing)
 decode_s = time.perf_counter() - t0
 data = model_trainer.load_training_data(run.path, tr)
 t1 = time.perf_counter()
-result = model_trainer.fit("densenet121", data, config.trainer)
+result = fit("densenet121", data, config.trainer)
 fit_s = time.perf_counter() - t1
 model = prepare_model(build_model("densenet121", len(data.class_names)), choose_device())
 model.load_state_dict(result.state_dict)

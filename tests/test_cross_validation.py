@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xray.components import cross_validation
+from xray.training import cross_validation
 from xray.components.model_evaluation import choose_best, cross_validation_stats
-from xray.components.model_trainer import TrainingData
+from xray.training.fit import TrainingData
 from xray.entity.artifact_entity import CandidateEvaluation, ClassMetrics, SplitMetrics
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
 from xray.errors import DataError

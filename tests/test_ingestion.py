@@ -10,7 +10,8 @@ import pytest
 from xray.components import data_ingestion
 from xray.config import load_config
 from xray.errors import DataError
-from xray.store import RunDir, code_hash
+from xray.stage import run_alone
+from xray.store import RunDir
 
 from .data_builders import class_folder, npz_file, pattern, save, split_folder
 
@@ -18,7 +19,7 @@ from .data_builders import class_folder, npz_file, pattern, save, split_folder
 def ingest(tmp_path: Path, uri: str | Path, *overrides: str):
     config = load_config(None, ["ingestion.min_images_per_class=3", *overrides], data_uri=str(uri))
     run = RunDir.create(tmp_path / "artifacts", {}, str(uri))
-    artifact = data_ingestion.run(config, run, code_hash())
+    artifact = run_alone(data_ingestion, config, run)
     return artifact, run
 
 

@@ -13,7 +13,8 @@ from tests.data_builders import pattern, save
 from xray.components import data_ingestion, data_transformation
 from xray.config import load_config
 from xray.errors import DataError
-from xray.store import RunDir, code_hash
+from xray.stage import run_alone
+from xray.store import RunDir
 
 PATIENTS, FILMS = 24, 4  # films per patient; the label is the patient's
 
@@ -32,8 +33,8 @@ def kermany_folder(root: Path, split_of=lambda patient: None) -> Path:
 def ingest_and_split(tmp_path: Path, root: Path, *overrides: str):
     config = load_config(None, ["ingestion.min_images_per_class=3", *overrides], data_uri=str(root))
     run = RunDir.create(tmp_path / "artifacts", {}, str(root))
-    ingestion = data_ingestion.run(config, run, code_hash())
-    transformation = data_transformation.run(config, run, ingestion, code_hash())
+    ingestion = run_alone(data_ingestion, config, run)
+    transformation = run_alone(data_transformation, config, run, ingestion)
     rows = [json.loads(line) for line in (run.path / "data_transformation" / "splits.jsonl").read_text().splitlines()]
     return ingestion, transformation, rows
 

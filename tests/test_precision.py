@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xray.capability import Capability, capability
-from xray.components.model_trainer import TrainingData, fit
+from xray.training.fit import TrainingData, fit
 from xray.entity.config_entity import AugmentConfig
 from xray.inference import choose_precision, predict_proba
 from xray.models import build_model

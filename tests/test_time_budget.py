@@ -10,20 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from xray.components.model_trainer import TrainingData, fit, planned_schedule
-from xray.components.training_budget import (
-    MIN_SCALED_BUDGET_S,
-    effective_budget,
-    MIN_USEFUL_EPOCHS,
-    allocate_epochs,
-    candidate_deadline,
-    plan_training,
-)
 from xray.config import parse_duration
 from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, TrainingPlan
 from xray.entity.config_entity import AugmentConfig
 from xray.errors import ConfigError
 from xray.preprocessing import Preprocessing
+from xray.training.budget import (
+    MIN_SCALED_BUDGET_S,
+    MIN_USEFUL_EPOCHS,
+    allocate_epochs,
+    candidate_deadline,
+    effective_budget,
+    plan_training,
+    planned_schedule,
+)
+from xray.training.fit import TrainingData, fit
 
 from .conftest import run_cli, tiny_args
 from .test_trainer import FAST, separable

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from xray.components.model_trainer import TrainingData, ema_decay, fit, stretch_schedule
+from xray.training.fit import TrainingData, ema_decay, fit, stretch_schedule
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
 from xray.preprocessing import Preprocessing
 

@@ -10,11 +10,12 @@ import torch
 
 from xray.augment import augment_batch
 from xray.components import data_ingestion, data_transformation
-from xray.components.data_ingestion import Item
 from xray.components.data_transformation import assign_splits
 from xray.config import load_config
+from xray.entity.artifact_entity import Item
 from xray.entity.config_entity import AugmentConfig
-from xray.store import RunDir, code_hash
+from xray.stage import run_alone
+from xray.store import RunDir
 
 from .data_builders import class_folder, npz_file, pattern, save, split_folder
 
@@ -22,9 +23,8 @@ from .data_builders import class_folder, npz_file, pattern, save, split_folder
 def transform(tmp_path: Path, uri: Path, *overrides: str):
     config = load_config(None, ["ingestion.min_images_per_class=3", "transformation.image_size=32", *overrides], data_uri=str(uri))
     run = RunDir.create(tmp_path / "artifacts", {}, str(uri))
-    code = code_hash()
-    ingestion = data_ingestion.run(config, run, code)
-    return data_transformation.run(config, run, ingestion, code), run
+    ingestion = run_alone(data_ingestion, config, run)
+    return run_alone(data_transformation, config, run, ingestion), run
 
 
 def test_stratified_split_without_source_splits(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from xray.config import DEFAULT_CONFIG_PATH, load_config
 from xray.typed import to_jsonable
 from xray.errors import XrayError
 from xray.entity.config_entity import PushConfig
+from xray.entity.run_summary import RunSummary
 
 logger = logging.getLogger("xray")
 
@@ -53,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     quiet_option = argparse.ArgumentParser(add_help=False)
     quiet_option.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser_class(quiet_option))
+    for add in (_add_train, _add_runs, _add_models, _add_keys, _add_data):
+        add(sub)
+    return parser
 
+
+def _add_train(sub: Any) -> None:
     train = sub.add_parser("train", help="run the whole pipeline and print the run id")
     train.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG_PATH} if present)")
     train.add_argument("--data", default=None, help="dataset URI: demo, a folder, an .npz, or s3://bucket/prefix")
@@ -62,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     train.set_defaults(handler=cmd_train)
 
+
+def _add_runs(sub: Any) -> None:
     runs = sub.add_parser("runs", help="list, show and verify runs")
     runs.add_argument("--artifacts", default=None, help="artifacts root (default: from config, else ./artifacts)")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -93,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--experiment", default="xray", help="MLflow experiment name (default: xray)")
     export.set_defaults(handler=cmd_runs_export)
 
+
+def _add_models(sub: Any) -> None:
     models = sub.add_parser("models", help="stored models and the production pointer")
     default_name = PushConfig().model_name
     models.add_argument("--name", default=default_name, help=f"model name (default: {default_name})")
@@ -113,12 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(handler=cmd_models_audit)
 
+
+def _add_keys(sub: Any) -> None:
     keys = sub.add_parser("keys", help="the run-sealing key")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     export = keys_sub.add_parser("export", help="print (or write) the public key that verifies sealed runs")
     export.add_argument("--out", type=Path, default=None, help="write the PEM here instead of printing it")
     export.set_defaults(handler=cmd_keys_export)
 
+
+def _add_data(sub: Any) -> None:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     demo = data_sub.add_parser("demo", help="write the synthetic demo dataset (phantoms, not real patients)")
@@ -129,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("folder")
     upload.add_argument("uri")
     upload.set_defaults(handler=cmd_data_upload)
-    return parser
 
 
 class XrayArgumentParser(argparse.ArgumentParser):
@@ -168,24 +181,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.status != "succeeded":
         print(f"xray: error: {result.reason}", file=sys.stderr)
         return 2
+    assert result.summary is not None
     print(format_summary(result.summary))
     print(f"artifacts: {result.run_path}")
     return 0
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: RunSummary) -> str:
     lines = [f"{'candidate':<14} {'val AUC':>8} {'val acc':>8} {'test AUC':>9} {'test acc':>9}"]
-    for name, m in summary.get("candidates", {}).items():
-        mark = "  <- chosen" if name == summary.get("best_candidate") else ""
+    for name, m in summary.candidates.items():
+        mark = "  <- chosen" if name == summary.best_candidate else ""
         lines.append(
-            f"{name:<14} {m['validation']['roc_auc']:>8.4f} {m['validation']['accuracy']:>8.4f} "
-            f"{m['test']['roc_auc']:>9.4f} {m['test']['accuracy']:>9.4f}{mark}"
+            f"{name:<14} {m.validation['roc_auc']:>8.4f} {m.validation['accuracy']:>8.4f} "
+            f"{m.test['roc_auc']:>9.4f} {m.test['accuracy']:>9.4f}{mark}"
         )
-    if summary.get("pushed") is not None:
-        if summary["pushed"]:
-            lines.append(f"model: pushed as {summary['model_tag']}")
+    if summary.pushed is not None:
+        if summary.pushed:
+            lines.append(f"model: pushed as {summary.model_tag}")
         else:
-            lines.append(f"model: not pushed ({'; '.join(summary['push_reasons'])})")
+            lines.append(f"model: not pushed ({'; '.join(summary.push_reasons)})")
     return "\n".join(lines)
 
 
@@ -206,18 +220,19 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'run id':<28} {'status':<10} {'best':<12} {'val AUC':>8} {'test acc':>9}  data")
     for m in runs:
-        best = m.summary.get("best_candidate") or "-"
-        metrics = m.summary.get("candidates", {}).get(best, {})
-        auc = f"{metrics['validation']['roc_auc']:.4f}" if metrics else "-"
-        acc = f"{metrics['test']['accuracy']:.4f}" if metrics else "-"
-        print(f"{m.run_id:<28} {m.status:<10} {best:<12} {auc:>8} {acc:>9}  {m.data_uri}")
+        summary = RunSummary.read(m.summary)
+        scores = summary.best_scores()
+        auc = f"{scores.validation['roc_auc']:.4f}" if scores else "-"
+        acc = f"{scores.test['accuracy']:.4f}" if scores else "-"
+        print(f"{m.run_id:<28} {m.status:<10} {summary.best_candidate or '-':<12} {auc:>8} {acc:>9}  {m.data_uri}")
     return 0
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    from xray.reports import run_report
+    from xray.reports import run_report, run_summary
 
-    report = run_report(_artifacts_root(args), args.run_id)
+    root = _artifacts_root(args)
+    report = run_report(root, args.run_id)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -229,8 +244,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         cached = f", reused from {record['cached_from']}" if record.get("cached_from") else ""
         print(f"  {stage:<20} {record['status']:<10} {record.get('artifact_id') or '':<34}{cached}")
     if report["candidates"]:
-        print(format_summary({"candidates": report["candidates"], "best_candidate": report["chosen_model"],
-                              **({k: report[k] for k in ("pushed", "model_tag", "push_reasons")})}))
+        print(format_summary(run_summary(root, args.run_id)))
     return 0
 
 

@@ -74,3 +74,46 @@ def module_closure(module: str, package_dir: Path = PACKAGE_DIR) -> dict[str, Pa
     if module not in found:
         raise ValueError(f"{module} is not a module under {package_dir}")
     return dict(sorted(found.items()))
+
+
+def package_modules(package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """Every module of the package, dotted (``xray.components.model_trainer``), packages as their own name."""
+    names = []
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir.parent).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def import_graph(package_dir: Path = PACKAGE_DIR) -> dict[str, set[str]]:
+    """module -> the package modules its import statements name (attributes imported by name resolve to their module)."""
+    graph: dict[str, set[str]] = {}
+    for module in package_modules(package_dir):
+        path = module_file(module, package_dir)
+        assert path is not None
+        direct = {name for name in _imported_modules(path, module) if module_file(name, package_dir) is not None}
+        graph[module] = {name for name in direct if name != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None. Package ``__init__`` modules count like any other."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)) is not None:
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)) is not None:
+            return found
+    return None

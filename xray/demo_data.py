@@ -201,6 +201,16 @@ def _anatomy(
         vessels = ridges * (0.35 + 0.65 * _smoothstep(0.9, -0.6, lung.outward))
         density += (0.07 * hilum + 0.035 * vessels) * visible
 
+    _add_bones(density, x, y, rng, body, lung_mask, heart)
+    return density, lungs
+
+
+def _add_bones(
+    density: np.ndarray, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+    body: np.ndarray, lung_mask: np.ndarray, heart: np.ndarray,
+) -> None:
+    """Mediastinum, spine, ribs and clavicles, added to ``density`` in place."""
+    size = x.shape[0]
     # Mediastinum and spine: a bright central column, vertebrae as a faint
     # periodic texture behind it.
     xs = x - rng.uniform(-0.02, 0.02)
@@ -230,7 +240,6 @@ def _anatomy(
     clav = np.exp(-0.5 * ((y - clav_y) / max(0.025, 2.4 / size)) ** 2)
     clav *= _smoothstep(0.05, 0.12, ax_) * (1.0 - _smoothstep(0.6, 0.75, ax_))
     density += 0.12 * clav * body
-    return density, lungs
 
 
 def _pneumonia(

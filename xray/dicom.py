@@ -12,8 +12,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from xray.errors import ImageTooLargeError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _PREAMBLE, _MAGIC = 128, b"DICM"
@@ -46,6 +49,27 @@ def is_dicom(data: bytes | Path) -> bool:
     return head[_PREAMBLE:] == _MAGIC
 
 
+def _grey_levels(ds: Any, stored: np.ndarray, bits_stored: int) -> tuple[np.ndarray, float, float, str]:
+    """(pixels through the modality and VOI LUTs, the output range low..high, the window applied)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if stored.ndim == 3:  # colour (RGB after pydicom's YBR conversion): luma, as PIL's convert("L")
+        return stored[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]), 0.0, float(2**bits_stored - 1), "none"
+    pixels = apply_modality_lut(stored, ds)
+    lo, hi = _output_range(ds, bits_stored)
+    if ds.get("VOILUTSequence"):
+        window = "VOI LUT"
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        window = f"{_first(ds.WindowCenter):g}/{_first(ds.WindowWidth):g}"
+    else:
+        window = "none"
+    if window != "none":
+        pixels = apply_voi_lut(pixels, ds)
+        if window == "VOI LUT":
+            lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    return pixels, lo, hi, window
+
+
 def read_dicom(data: bytes | Path, max_pixels: int) -> tuple[np.ndarray, DicomInfo]:
     """Decode a DICOM film to uint8 ``H×W`` (modality LUT, VOI LUT/window, MONOCHROME1 inverted).
 
@@ -55,7 +79,6 @@ def read_dicom(data: bytes | Path, max_pixels: int) -> tuple[np.ndarray, DicomIn
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data)
@@ -66,8 +89,6 @@ def read_dicom(data: bytes | Path, max_pixels: int) -> tuple[np.ndarray, DicomIn
     rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows * columns > max_pixels:
-        from xray.preprocessing import ImageTooLargeError
-
         raise ImageTooLargeError(f"image is {columns}x{rows} pixels, above the limit of {max_pixels}")
     if frames > 1:
         raise DicomUnsupportedError(f"multi-frame DICOM ({frames} frames) is not a single radiograph")
@@ -83,22 +104,7 @@ def read_dicom(data: bytes | Path, max_pixels: int) -> tuple[np.ndarray, DicomIn
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
-    if stored.ndim == 3:  # colour (RGB after pydicom's YBR conversion): luma, as PIL's convert("L")
-        pixels = stored[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        lo, hi, window = 0.0, float(2**bits_stored - 1), "none"
-    else:
-        pixels = apply_modality_lut(stored, ds)
-        lo, hi = _output_range(ds, bits_stored)
-        if ds.get("VOILUTSequence"):
-            window = "VOI LUT"
-        elif "WindowCenter" in ds and "WindowWidth" in ds:
-            window = f"{_first(ds.WindowCenter):g}/{_first(ds.WindowWidth):g}"
-        else:
-            window = "none"
-        if window != "none":
-            pixels = apply_voi_lut(pixels, ds)
-            if window == "VOI LUT":
-                lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    pixels, lo, hi, window = _grey_levels(ds, stored, bits_stored)
     scaled = (np.asarray(pixels, dtype=np.float64) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(stored.shape[:2])
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     if photometric == "MONOCHROME1":

@@ -19,3 +19,11 @@ class SourceError(DataError):
 
 class RunError(XrayError):
     """A run id is unknown or a run directory is damaged."""
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this pipeline can read (the decoders in xray/preprocessing.py and xray/dicom.py)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """More pixels than the configured limit: refused before decoding."""

@@ -57,43 +57,17 @@ def build_card(
     subgroups: tuple[SubgroupMetrics, ...],
     selection: str,
 ) -> dict[str, Any]:
-    synthetic = ingestion.source_kind == "demo"
     classes = list(transformation.class_names)
     threshold = point.threshold if point else None
     metrics = [_metric(k, v, threshold=threshold if k in ("sensitivity", "specificity") else None) for k, v in intervals.items()]
     for group in subgroups:
         slice_name = f"test, {group.column}={group.value} (n={group.count}{', small' if group.small else ''})"
         metrics += [_metric(k, v, slice_name, threshold if k in ("sensitivity", "specificity") else None) for k, v in group.intervals.items()]
-    limitations = [
-        "Trained and tested on one dataset snapshot; performance on other scanners, sites or populations is unknown until measured there.",
-        f"Input is reduced to {transformation.image_size}x{transformation.image_size} grayscale; findings smaller than a few pixels at that size cannot be seen.",
-        "Intervals are bootstrap percentiles over test images, not patients: where one patient has several test films, they are too narrow.",
-    ]
-    if synthetic:
-        limitations.insert(0, SYNTHETIC_NOTE)
-    if ingestion.grouping.startswith("none"):
-        limitations.append("No patient grouping was given (ingestion.group_by): one patient's films may sit in both training and test.")
-    small = [f"{g.column}={g.value} (n={g.count})" for g in subgroups if g.small]
-    if small:
-        limitations.append(f"Small subgroups, read their intervals with care: {', '.join(small)}.")
+    limitations = _limitations(ingestion, transformation, subgroups)
     overview = (
         f"{architecture} classifying chest radiographs into {', '.join(classes)}; chosen by {selection}."
         + (f" Flags {' or '.join(point.positive)} when P(positive) >= {point.threshold:.4f}." if point else "")
     )
-    data_entry = {
-        "source": ingestion.source_uri,
-        "source_kind": ingestion.source_kind,
-        "synthetic": synthetic,
-        "fingerprint": ingestion.data_fingerprint,
-        "counts": transformation.counts,
-        "grouping": ingestion.grouping,
-        "patient_groups": ingestion.num_groups,
-        "split_strategy": transformation.split_strategy,
-        "dicom_images": ingestion.dicom_images,
-        "unreadable_files": len(ingestion.unreadable),
-        "patients_across_source_splits": len(ingestion.group_leakage),
-        "duplicates_across_source_splits": len(ingestion.leakage),
-    }
     return {
         "schema": "Model Card Toolkit field names (model_details, model_parameters, quantitative_analysis, considerations)",
         "model_details": {
@@ -106,19 +80,12 @@ def build_card(
             "model_architecture": architecture,
             "input_format": f"one grayscale radiograph (PNG, JPEG or DICOM), resized to {transformation.image_size} px",
             "output_format": "probability per class" + ("; positive flag at the operating point" if point else ""),
-            "data": [{"name": "training and evaluation data", **data_entry}],
+            "data": [{"name": "training and evaluation data", **_data_entry(ingestion, transformation)}],
         },
         "quantitative_analysis": {
             "performance_metrics": metrics,
             "bootstrap": bootstrap,
-            "operating_point": None if point is None else {
-                "positive": list(point.positive),
-                "target_sensitivity": point.target_sensitivity,
-                "threshold": point.threshold,
-                "chosen_on": "validation",
-                "validation_sensitivity": _number(point.validation_sensitivity),
-                "validation_specificity": _number(point.validation_specificity),
-            },
+            "operating_point": _operating_point(point),
         },
         "considerations": {
             "users": [{"description": "radiologists and clinical ML engineers evaluating the model; auditors"}],
@@ -133,6 +100,55 @@ def build_card(
                 "mitigation_strategy": "Subgroup metrics with intervals are reported where the metadata CSV provides the columns.",
             }],
         },
+    }
+
+
+def _operating_point(point: OperatingPoint | None) -> dict[str, Any] | None:
+    if point is None:
+        return None
+    return {
+        "positive": list(point.positive),
+        "target_sensitivity": point.target_sensitivity,
+        "threshold": point.threshold,
+        "chosen_on": "validation",
+        "validation_sensitivity": _number(point.validation_sensitivity),
+        "validation_specificity": _number(point.validation_specificity),
+    }
+
+
+def _limitations(
+    ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, subgroups: tuple[SubgroupMetrics, ...]
+) -> list[str]:
+    limitations = [
+        "Trained and tested on one dataset snapshot; performance on other scanners, sites or populations is unknown until measured there.",
+        f"Input is reduced to {transformation.image_size}x{transformation.image_size} grayscale; findings smaller than a few pixels at that size cannot be seen.",
+        "Intervals are bootstrap percentiles over test images, not patients: where one patient has several test films, they are too narrow.",
+    ]
+    if ingestion.source_kind == "demo":
+        limitations.insert(0, SYNTHETIC_NOTE)
+    if ingestion.grouping.startswith("none"):
+        limitations.append("No patient grouping was given (ingestion.group_by): one patient's films may sit in both training and test.")
+    small = [f"{g.column}={g.value} (n={g.count})" for g in subgroups if g.small]
+    if small:
+        limitations.append(f"Small subgroups, read their intervals with care: {', '.join(small)}.")
+    return limitations
+
+
+def _data_entry(ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact) -> dict[str, Any]:
+    """Where the data came from and how they were split: the card's provenance."""
+    return {
+        "source": ingestion.source_uri,
+        "source_kind": ingestion.source_kind,
+        "synthetic": ingestion.source_kind == "demo",
+        "fingerprint": ingestion.data_fingerprint,
+        "counts": transformation.counts,
+        "grouping": ingestion.grouping,
+        "patient_groups": ingestion.num_groups,
+        "split_strategy": transformation.split_strategy,
+        "dicom_images": ingestion.dicom_images,
+        "unreadable_files": len(ingestion.unreadable),
+        "patients_across_source_splits": len(ingestion.group_leakage),
+        "duplicates_across_source_splits": len(ingestion.leakage),
     }
 
 

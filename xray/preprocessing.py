@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from xray.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom
+from xray.errors import ImageDecodeError, ImageTooLargeError
 
 # The only decoders an image ever reaches (Pillow format name -> file suffixes): every other Pillow
 # plugin stays unreachable from data and uploads (EPS, for one, would run Ghostscript). DICOM is
@@ -37,14 +38,6 @@ IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
 IMAGE_SUFFIXES = (*(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes), *DICOM_SUFFIXES)
 ACCEPTED = ", ".join([*IMAGE_FORMATS, "DICOM"])
 DEFAULT_MAX_PIXELS = 50_000_000  # far above any radiograph, far below a decompression bomb
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not an image this pipeline can read."""
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """More pixels than the configured limit: refused before decoding."""
 
 
 class UnsupportedImageFormat(ImageDecodeError):

@@ -20,6 +20,8 @@ METRICS = ("accuracy", "roc_auc", "macro_f1", "loss", "ece")
 
 @dataclass(frozen=True)
 class ConfigChange:
+    """A resolved config key whose value differs between run A and run B."""
+
     key: str
     a: Any
     b: Any

@@ -34,6 +34,7 @@ from xray.entity.artifact_entity import FileRecord
 from xray.errors import RunError
 from xray.keys import SigningKey, VerifyKey, load_public_key, load_signing_key
 from xray.ledger import canonical
+from xray.run_ids import check_run_id
 
 SEAL = "seal.json"
 EVIDENCE_SEAL = "model_pusher/evidence_seal.json"
@@ -209,10 +210,31 @@ def seal_run(root: Path, run_id: str, status: str, sealed_at: str, recorded_prob
 # ---------------------------------------------------------------- verifying
 
 
+def _evidence_digest(document: SealDocument, problems: list[str]) -> str | None:
+    """The pre-push evidence seal the final seal names, if any (a malformed one is a problem)."""
+    digest = document.body.get("evidence_seal")
+    if digest is not None and not isinstance(digest, str):
+        problems.append("seal: malformed evidence_seal")
+        return None
+    return digest
+
+
+def _file_problems(found: Scan, sealed_files: dict[str, FileRecord]) -> list[str]:
+    """What the scan found against what the seal lists: missing, modified and added files."""
+    problems = []
+    for path, state in sorted(sealed_files.items()):
+        current = found.files.get(path)
+        if current is None:
+            if not any(p.startswith(f"symlink: {path} ") for p in found.problems):
+                problems.append(f"missing: {path}")
+        elif current != state:
+            problems.append(f"modified: {path} (sha256 differs from the seal)")
+    problems += [f"added: {path} (not in the seal)" for path in sorted(set(found.files) - set(sealed_files))]
+    return problems
+
+
 def verify_run(root: Path, run_id: str, public_key: Path | None = None) -> Verification:
     """Check the seal's signature, its ledger entry and every file; name each problem, follow no link."""
-    from xray.store import check_run_id
-
     check_run_id(run_id)
     key = load_public_key(public_key)
     chain = ledger.check(root, key)
@@ -257,31 +279,18 @@ def verify_run(root: Path, run_id: str, public_key: Path | None = None) -> Verif
     found = scan(run_path, frozenset({SEAL}))
     problems += found.problems
     sealed_files = _sealed_files(document, problems)
-    for path, state in sorted(sealed_files.items()):
-        current = found.files.get(path)
-        if current is None:
-            if not any(p.startswith(f"symlink: {path} ") for p in found.problems):
-                problems.append(f"missing: {path}")
-        elif current != state:
-            problems.append(f"modified: {path} (sha256 differs from the seal)")
-    problems += [f"added: {path} (not in the seal)" for path in sorted(set(found.files) - set(sealed_files))]
+    problems += _file_problems(found, sealed_files)
     at_seal = document.body.get("problems_at_seal")
     if at_seal:
         problems += [f"at seal time: {p}" for p in (at_seal if isinstance(at_seal, list) else [at_seal])]
 
-    evidence_digest = document.body.get("evidence_seal")
-    if evidence_digest is not None and not isinstance(evidence_digest, str):
-        problems.append("seal: malformed evidence_seal")
-        evidence_digest = None
+    evidence_digest = _evidence_digest(document, problems)
     if evidence_digest:
         problems += _check_evidence(run_path, key, run_id, evidence_digest, sealed_files, entries)
-    checked = len(found.files)
     message = (f"run {run_id}: sealed {document.body.get('sealed_at')}, signature and ledger entry valid, "
-               f"all {checked} files match their sha256")
-    if evidence_digest:
-        message += f"; evidence sealed before the push: {evidence_digest}"
-    return Verification(run_id, True, checked, tuple(dict.fromkeys(problems)), message, document.digest,
-                        evidence_digest)
+               f"all {len(found.files)} files match their sha256"
+               + (f"; evidence sealed before the push: {evidence_digest}" if evidence_digest else ""))
+    return Verification(run_id, True, len(found.files), tuple(dict.fromkeys(problems)), message, document.digest, evidence_digest)
 
 
 def _status(run_path: Path) -> str | None:

@@ -9,30 +9,15 @@ toss, and averaging the candidates (an ensemble) is the safer choice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, f1_score
 
+from xray.entity.artifact_entity import BootstrapComparison
 from xray.metrics import roc_auc
 
 BOOTSTRAP_SEED = 20240601
-
-
-@dataclass(frozen=True)
-class BootstrapComparison:
-    """``leader`` minus ``runner_up`` on ``metric``: the full-set difference and its bootstrap interval."""
-
-    leader: str
-    runner_up: str
-    metric: str
-    difference: float
-    low: float
-    high: float
-    level: float
-    resamples: int
-    cannot_tell: bool  # the interval reaches zero: validation cannot rank the two
 
 
 def score(metric: str, y_true: np.ndarray, probs: np.ndarray) -> float:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import platform
 import secrets
 import shutil
@@ -37,13 +36,13 @@ from typing import Any, Iterable, TypeVar
 from xray.codegraph import PACKAGE_DIR, module_closure, module_file
 from xray.entity.artifact_entity import ARTIFACT_TYPES, ArtifactHeader, FileRecord
 from xray.errors import RunError
+from xray.run_ids import RUN_ID_RE, check_run_id  # noqa: F401 - check_run_id: part of the store's interface
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
-RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ARTIFACT_JSON = "artifact.json"
 STAGES = ("data_ingestion", "data_transformation", "model_trainer", "model_evaluation", "model_pusher")
 _TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "pillow", "grad-cam", "bentoml", "boto3")
@@ -352,14 +351,6 @@ def load_artifact(path: Path) -> Any:
         return from_mapping(cls, raw)
     except SchemaError as exc:
         raise RunError(f"{path}: {exc}") from None
-
-
-def check_run_id(run_id: str) -> str:
-    """A run id is one short, plain path segment: never '..', a slash, a NUL or a 300-character name."""
-    if not RUN_ID_RE.fullmatch(run_id or ""):
-        shown = run_id if len(run_id or "") <= 80 else f"{run_id[:80]}..."
-        raise RunError(f"not a run id: {shown!r}")
-    return run_id
 
 
 def load_manifest(root: Path, run_id: str) -> RunManifest:

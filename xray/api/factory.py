@@ -57,7 +57,45 @@ def _is_page(request: Request) -> bool:
 
 def create_app(settings: AppSettings) -> FastAPI:
     """One app per settings; nothing global beyond what lives on ``app.state``."""
+    app = FastAPI(
+        title="xray training service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=_lifespan(settings),
+        docs_url=None,  # served below with local assets
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.auth_limiter = FailedAuthLimiter(settings.auth_max_failures, settings.auth_window_s)
+    app.include_router(routes.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=str(SWAGGER_ASSETS)), name="docs-assets")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    app.add_exception_handler(LoginRequired, _login_required)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.middleware("http")(_security_headers)
+    # Outermost: bodies are bounded before any parsing or token check.
+    app.add_middleware(
+        BodySizeLimit,
+        upload_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        other_limit=settings.max_json_bytes,
+    )
+    return app
+
+
+def _lifespan(settings: AppSettings):  # type: ignore[no-untyped-def]
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -79,76 +117,48 @@ def create_app(settings: AppSettings) -> FastAPI:
                 "shutting down with training still running: %s", ", ".join(f"{k} (pid {v})" for k, v in left.items())
             )
 
-    app = FastAPI(
-        title="xray training service",
-        version="0.1.0",
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        docs_url=None,  # served below with local assets
-        redoc_url=None,
-    )
-    app.state.settings = settings
-    app.state.auth_limiter = FailedAuthLimiter(settings.auth_max_failures, settings.auth_window_s)
-    app.include_router(routes.router)
-    app.include_router(pages.router)
-    app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    app.mount("/docs-assets", StaticFiles(directory=str(SWAGGER_ASSETS)), name="docs-assets")
+    return lifespan
 
-    @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} - docs",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon.png",
+
+async def _login_required(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LoginRequired)
+    return RedirectResponse(login_url(exc.next_url), status_code=303)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if _is_page(request) and exc.status_code != 401:
+        context = {
+            "status_code": exc.status_code,
+            "title": _TITLES.get(exc.status_code, "Error"),
+            "message": str(exc.detail),
+            "principal": None,
+        }
+        return pages.render(request, "error.html", context, status_code=exc.status_code)
+    return await http_exception_handler(request, exc)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    """An upload that is not a file is the client's mistake about the image: 400 (the page shows it)."""
+    assert isinstance(exc, RequestValidationError)
+    if request.url.path == "/predict":
+        return JSONResponse(
+            status_code=400, content={"detail": "send the image as the multipart file field 'image'"}
         )
+    if request.url.path == "/ui/predict":
+        context = {
+            "status_code": 400,
+            "title": "Bad upload",
+            "principal": None,
+            "message": "send the image with the form's file field",
+        }
+        return pages.render(request, "error.html", context, status_code=400)
+    return await request_validation_exception_handler(request, exc)
 
-    @app.exception_handler(LoginRequired)
-    async def _login_required(request: Request, exc: LoginRequired) -> Response:
-        return RedirectResponse(login_url(exc.next_url), status_code=303)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if _is_page(request) and exc.status_code != 401:
-            context = {
-                "status_code": exc.status_code,
-                "title": _TITLES.get(exc.status_code, "Error"),
-                "message": str(exc.detail),
-                "principal": None,
-            }
-            return pages.render(request, "error.html", context, status_code=exc.status_code)
-        return await http_exception_handler(request, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        """An upload that is not a file is the client's mistake about the image: 400 (the page shows it)."""
-        if request.url.path == "/predict":
-            return JSONResponse(
-                status_code=400, content={"detail": "send the image as the multipart file field 'image'"}
-            )
-        if request.url.path == "/ui/predict":
-            context = {
-                "status_code": 400,
-                "title": "Bad upload",
-                "principal": None,
-                "message": "send the image with the form's file field",
-            }
-            return pages.render(request, "error.html", context, status_code=400)
-        return await request_validation_exception_handler(request, exc)
-
-    @app.middleware("http")
-    async def _security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        return response
-
-    # Outermost: bodies are bounded before any parsing or token check.
-    app.add_middleware(
-        BodySizeLimit,
-        upload_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD,
-        other_limit=settings.max_json_bytes,
-    )
-    return app
+async def _security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+    response = await call_next(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response

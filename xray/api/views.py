@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from xray.api.schemas import CandidateScores, Progress, PushDecision, RunDetail, RunSummary, StageInfo
+from xray.entity.run_summary import RunSummary as StoredSummary
 from xray.errors import RunError
 from xray.store import STAGES, RunManifest, load_stage_artifact
 from xray.typed import to_jsonable
@@ -23,9 +24,8 @@ def artifact_url(run_id: str, path: str) -> str:
 
 
 def summary(manifest: RunManifest) -> RunSummary:
-    s = manifest.summary or {}
-    best = s.get("best_candidate")
-    metrics = (s.get("candidates") or {}).get(best or "", {})
+    s = StoredSummary.read(manifest.summary)
+    scores = s.best_scores()
     return RunSummary(
         run_id=manifest.run_id,
         status=manifest.status,
@@ -35,11 +35,11 @@ def summary(manifest: RunManifest) -> RunSummary:
         data_uri=manifest.data_uri,
         current_stage=manifest.current_stage,
         progress=Progress(**(manifest.progress or {})),
-        best_candidate=best,
-        val_roc_auc=(metrics.get("validation") or {}).get("roc_auc"),
-        test_accuracy=(metrics.get("test") or {}).get("accuracy"),
-        pushed=s.get("pushed"),
-        model_tag=s.get("model_tag"),
+        best_candidate=s.best_candidate,
+        val_roc_auc=scores.validation.get("roc_auc") if scores else None,
+        test_accuracy=scores.test.get("accuracy") if scores else None,
+        pushed=s.pushed,
+        model_tag=s.model_tag,
     )
 
 
@@ -79,19 +79,14 @@ def load_view(root: Path, manifest: RunManifest) -> RunView:
     run_id = manifest.run_id
     evaluation = artifacts.get("model_evaluation")
     pusher = artifacts.get("model_pusher")
-    candidates: dict[str, CandidateScores] = {}
+    # the artifacts when readable, else what the manifest recorded when the run ended
+    run_summary = StoredSummary.of(evaluation, pusher) if evaluation is not None else StoredSummary.read(manifest.summary)
+    candidates = {k: CandidateScores(validation=v.validation, test=v.test) for k, v in run_summary.candidates.items()}
     plots: dict[str, str] = {}
     gradcam: list[str] = []
     if evaluation is not None:
-        for c in evaluation.candidates:
-            candidates[c.name] = CandidateScores(
-                validation={"accuracy": c.validation.accuracy, "roc_auc": c.validation.roc_auc},
-                test={"accuracy": c.test.accuracy, "roc_auc": c.test.roc_auc},
-            )
         plots = {name: artifact_url(run_id, path) for name, path in evaluation.plots.items()}
         gradcam = [artifact_url(run_id, path) for path in evaluation.gradcam]
-    elif manifest.summary.get("candidates"):
-        candidates = {k: CandidateScores(**v) for k, v in manifest.summary["candidates"].items()}
     push = None
     if pusher is not None:
         push = PushDecision(**{k: v for k, v in to_jsonable(pusher).items() if k in PushDecision.model_fields})
@@ -100,7 +95,7 @@ def load_view(root: Path, manifest: RunManifest) -> RunView:
         **base.model_dump(),
         stages={name: StageInfo(**to_jsonable(rec)) for name, rec in manifest.stages.items()},
         candidates=candidates,
-        selection_metric=evaluation.selection_metric if evaluation else manifest.summary.get("selection_metric"),
+        selection_metric=run_summary.selection_metric,
         push=push,
         config=manifest.config,
         code=manifest.code,
@@ -110,7 +105,12 @@ def load_view(root: Path, manifest: RunManifest) -> RunView:
         gradcam=gradcam,
         problems=problems,
     )
-    lineage = tuple(
+    return RunView(detail=detail, artifacts=artifacts, lineage=_lineage(manifest, artifacts))
+
+
+def _lineage(manifest: RunManifest, artifacts: dict[str, Any]) -> tuple[Lineage, ...]:
+    run_id = manifest.run_id
+    return tuple(
         Lineage(
             stage=stage,
             artifact_id=a.header.artifact_id,
@@ -127,4 +127,3 @@ def load_view(root: Path, manifest: RunManifest) -> RunView:
         )
         for stage, a in artifacts.items()
     )
-    return RunView(detail=detail, artifacts=artifacts, lineage=lineage)

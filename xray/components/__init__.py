@@ -1,1 +1,1 @@
-"""One module per pipeline stage, each with one entry point ``run(...)``."""
+"""The five pipeline stages, one module each, all of one shape (xray/stage.py); none imports another."""

@@ -16,76 +16,123 @@ import shutil
 import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, SourceObject, UnreadableFile
+from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, Item, SourceObject, UnreadableFile
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
 from xray.grouping import Grouper
+from xray.operating_point import positive_indices
 from xray.preprocessing import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageDecodeError, decode_grayscale, open_image
-from xray.store import RunDir, fingerprint, new_header, sha256_file
+from xray.snapshot import load_npz_split
+from xray.stage import Inputs, StageContext
+from xray.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
 
 logger = logging.getLogger(__name__)
 
 STAGE = "data_ingestion"
+CACHED = False  # a URI may hold other data tomorrow: always read it
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 NPZ_SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class Item:
-    split: str  # train | val | test, or "all" when the source gives no split
-    label: str
-    ref: str  # path relative to the dataset root, or "split:index" inside an .npz
-    sha256: str
-    group: str | None = None  # the patient (ingestion.group_by); None: the image is its own group
-    metadata: dict[str, str] = field(default_factory=dict)  # the metadata CSV's other columns (sex, view, site…)
-    dicom: dict[str, str | int] | None = None  # DICOM attributes that decided the pixels (modality, window…)
+def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
+    """The code this stage runs: ingestion is never reused by fingerprint, because what a URI holds is only
+    known by reading it; its artifact's fingerprint adds what it found (the data and their grouping)."""
+    return fingerprint_of(STAGE, {}, [], stage_code_hash(__name__))
 
 
-def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArtifact:
+def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
+    config, run_dir = ctx.config, ctx.run
     uri = config.data_uri.strip()
     grouper = Grouper.from_config(config.ingestion.group_by, config.ingestion.metadata_csv)
     out = run_dir.stage_dir(STAGE)
-    s3_objects: tuple[SourceObject, ...] = ()
+    root, kind, dataset_path, s3_objects = _snapshot(uri, config, run_dir, out)
+    if kind == "npz":
+        items, class_names, unreadable, median_side = _scan_npz(root, config.ingestion.class_names)
+    else:
+        items, class_names, unreadable, median_side = _scan_folder(root)
+    items = _with_groups(items, grouper)
+    counts = _counts(items)
+    _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
+    # the configured operating point must name classes that exist: a typo fails now, not after training
+    positive_indices(config.evaluation.operating_point.positive, tuple(class_names))
+    duplicates = _duplicate_groups(items)
+    leakage = tuple(g for g in duplicates if len(set(g.splits)) > 1)
+    group_leakage = _group_leakage(items)
+    _report_leakage(leakage, group_leakage, config.ingestion.leakage)
+    if unreadable:
+        logger.warning("%d unreadable file(s) excluded, e.g. %s: %s", len(unreadable), unreadable[0].path, unreadable[0].reason)
+    index_file = out / "items.jsonl"
+    with open(index_file, "w") as fh:
+        for item in items:
+            fh.write(json.dumps(asdict(item)) + "\n")
+    data_fp = hashlib.sha256(
+        "\n".join(sorted(f"{i.split}\t{i.label}\t{i.sha256}" for i in items)).encode()
+    ).hexdigest()
+    files = [index_file]
+    if kind in ("demo", "s3"):
+        files += [p for p in (run_dir.path / dataset_path).rglob("*") if p.is_file()]
+    splits_given = tuple(s for s in ("train", "val", "test") if s in counts)
+    logger.info(
+        "ingested %d images in %d classes from %s (%s); splits given: %s",
+        len(items), len(class_names), uri, kind, ", ".join(splits_given) or "none",
+    )
+    found_fp = fingerprint_of(STAGE, _found(config, class_names, items), [data_fp], ctx.fingerprint)
+    return DataIngestionArtifact(
+        header=new_header(run_dir, DataIngestionArtifact, STAGE, found_fp, files=files),
+        source_uri=uri, source_kind=kind, dataset_path=dataset_path, class_names=tuple(class_names),
+        splits_given=splits_given, counts=counts, num_images=len(items), data_fingerprint=data_fp,
+        index_file=run_dir.relative(index_file), median_image_side=median_side, unreadable=tuple(unreadable),
+        duplicates=duplicates, leakage=leakage, s3_objects=s3_objects, grouping=grouper.describe(),
+        num_groups=len({i.group or i.sha256 for i in items}), group_leakage=group_leakage,
+        metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
+        dicom_images=sum(1 for i in items if i.dicom is not None),
+    )
+
+
+def _snapshot(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, str, str, tuple[SourceObject, ...]]:
+    """(dataset root, kind, the artifact's dataset_path, S3 objects): demo and S3 data are copied into the run."""
     if uri == "demo":
         from xray.demo_data import generate_demo_dataset
 
         root = out / "snapshot"
         generate_demo_dataset(root, images_per_class=config.ingestion.demo_images_per_class)
-        kind, dataset_path = "demo", run_dir.relative(root)
-    elif uri.startswith("s3://"):
+        return root, "demo", run_dir.relative(root), ()
+    if uri.startswith("s3://"):
         root, s3_objects = _snapshot_s3(uri, config, run_dir, out)
-        kind, dataset_path = "s3", run_dir.relative(root)
-    else:
-        try:  # '~nosuchuser' raises RuntimeError, a 300-character name OSError: both are just not there
-            root = Path(uri).expanduser()
-            found = root.exists()
-        except (RuntimeError, OSError, ValueError):
-            found = False
-        if not found:
-            raise DataError(f"data source not found: {uri}")
-        root = root.resolve()
-        kind = "npz" if root.is_file() else "folder"
-        dataset_path = str(root)
-        if kind == "npz" and root.suffix != ".npz":
-            raise DataError(f"{uri} is a file but not an .npz archive")
+        return root, "s3", run_dir.relative(root), s3_objects
+    try:  # '~nosuchuser' raises RuntimeError, a 300-character name OSError: both are just not there
+        root = Path(uri).expanduser()
+        found = root.exists()
+    except (RuntimeError, OSError, ValueError):
+        found = False
+    if not found:
+        raise DataError(f"data source not found: {uri}")
+    root = root.resolve()
+    kind = "npz" if root.is_file() else "folder"
+    if kind == "npz" and root.suffix != ".npz":
+        raise DataError(f"{uri} is a file but not an .npz archive")
+    return root, kind, str(root), ()
 
-    if kind == "npz":
-        items, class_names, unreadable, median_side = _scan_npz(root, config.ingestion.class_names)
-    else:
-        items, class_names, unreadable, median_side = _scan_folder(root)
 
-    items = _with_groups(items, grouper)
-    counts = _counts(items)
-    _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
-    duplicates = _duplicate_groups(items)
-    leakage = tuple(g for g in duplicates if len(set(g.splits)) > 1)
-    group_leakage = _group_leakage(items)
+def _found(config: PipelineConfig, class_names: list[str], items: list[Item]) -> dict[str, object]:
+    """What, besides the images' content, makes the ingested data what they are: checks, names and grouping."""
+    return {
+        "leakage": config.ingestion.leakage,
+        "min": config.ingestion.min_images_per_class,
+        "names": class_names,
+        "groups": hashlib.sha256(
+            "\n".join(f"{i.ref}\t{i.group}\t{sorted(i.metadata.items())}" for i in items).encode()
+        ).hexdigest(),
+    }
+
+
+def _report_leakage(leakage: tuple[DuplicateGroup, ...], group_leakage: tuple[GroupLeak, ...], policy: str) -> None:
     problems = []
     if leakage:
         problems.append(
@@ -98,68 +145,9 @@ def run(config: PipelineConfig, run_dir: RunDir, code: str) -> DataIngestionArti
             f"{group_leakage[0].group} in {', '.join(group_leakage[0].splits)}"
         )
     for message in problems:
-        if config.ingestion.leakage == "fail":
+        if policy == "fail":
             raise DataError(f"leakage: {message} (set ingestion.leakage=warn to continue)")
         logger.warning("leakage: %s", message)
-    if unreadable:
-        logger.warning("%d unreadable file(s) excluded, e.g. %s: %s", len(unreadable), unreadable[0].path, unreadable[0].reason)
-
-    index_file = out / "items.jsonl"
-    with open(index_file, "w") as fh:
-        for item in items:
-            fh.write(json.dumps(asdict(item)) + "\n")
-    data_fp = hashlib.sha256(
-        "\n".join(sorted(f"{i.split}\t{i.label}\t{i.sha256}" for i in items)).encode()
-    ).hexdigest()
-    params = {
-        "leakage": config.ingestion.leakage,
-        "min": config.ingestion.min_images_per_class,
-        "names": class_names,
-        "groups": hashlib.sha256(
-            "\n".join(f"{i.ref}\t{i.group}\t{sorted(i.metadata.items())}" for i in items).encode()
-        ).hexdigest(),
-    }
-    fp = fingerprint(STAGE, params, [data_fp], code)
-    files = [index_file]
-    if kind in ("demo", "s3"):
-        files += [p for p in (run_dir.path / dataset_path).rglob("*") if p.is_file()]
-    splits_given = tuple(s for s in ("train", "val", "test") if s in counts)
-    logger.info(
-        "ingested %d images in %d classes from %s (%s); splits given: %s",
-        len(items), len(class_names), uri, kind, ", ".join(splits_given) or "none",
-    )
-    return DataIngestionArtifact(
-        header=new_header(run_dir, DataIngestionArtifact, STAGE, fp, files=files),
-        source_uri=uri,
-        source_kind=kind,
-        dataset_path=dataset_path,
-        class_names=tuple(class_names),
-        splits_given=splits_given,
-        counts=counts,
-        num_images=len(items),
-        data_fingerprint=data_fp,
-        index_file=run_dir.relative(index_file),
-        median_image_side=median_side,
-        unreadable=tuple(unreadable),
-        duplicates=duplicates,
-        leakage=leakage,
-        s3_objects=s3_objects,
-        grouping=grouper.describe(),
-        num_groups=len({i.group or i.sha256 for i in items}),
-        group_leakage=group_leakage,
-        metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
-        dicom_images=sum(1 for i in items if i.dicom is not None),
-    )
-
-
-def read_items(run_path: Path, artifact: DataIngestionArtifact) -> list[Item]:
-    with open(run_path / artifact.index_file) as fh:
-        return [Item(**json.loads(line)) for line in fh if line.strip()]
-
-
-def dataset_root(run_path: Path, artifact: DataIngestionArtifact) -> Path:
-    path = Path(artifact.dataset_path)
-    return path if path.is_absolute() else run_path / path
 
 
 # ------------------------------------------------------------------ folders
@@ -250,18 +238,6 @@ def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str]
             digest = hashlib.sha256(np.ascontiguousarray(images[index]).tobytes()).hexdigest()
             items.append(Item(split=split, label=class_names[int(labels[index])], ref=f"{split}:{index}", sha256=digest))
     return items, class_names, [], median_side
-
-
-def load_npz_split(archive: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images = archive[f"{split}_images"]
-    labels = np.asarray(archive[f"{split}_labels"])
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise DataError(f"{split}_images must be N×H×W or N×H×W×3, got shape {images.shape}")
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{split}_labels must be N or N×1 integers, got shape {labels.shape} {labels.dtype}")
-    return images, labels.astype(np.int64)
 
 
 # ------------------------------------------------------------------ S3

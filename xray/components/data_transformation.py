@@ -10,71 +10,44 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-from tqdm import tqdm
 
-from xray.components.data_ingestion import Item, dataset_root, load_npz_split, read_items
-from xray.entity.artifact_entity import DataIngestionArtifact, DataTransformationArtifact
+from xray.entity.artifact_entity import DataIngestionArtifact, DataTransformationArtifact, Item
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
-from xray.preprocessing import load_pixels, resize_square, to_grayscale_array
-from xray.store import RunDir, fingerprint, new_header
+from xray.stage import Inputs, StageContext
+from xray.store import fingerprint as fingerprint_of, new_header, stage_code_hash
+from xray.snapshot import SPLITS, Decoder, decoder
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
 
 STAGE = "data_transformation"
-SPLITS = ("train", "val", "test")
+CACHED = True
 AUTO_SMALL, AUTO_LARGE = 32, 128
 
 
-def stage_fingerprint(config: PipelineConfig, ingestion: DataIngestionArtifact, code: str) -> str:
-    return fingerprint(STAGE, to_jsonable(config.transformation), [ingestion.header.fingerprint], code)
+def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
+    upstream = [inputs.get(DataIngestionArtifact).header.fingerprint]
+    return fingerprint_of(STAGE, to_jsonable(config.transformation), upstream, stage_code_hash(__name__))
 
 
-def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifact, code: str) -> DataTransformationArtifact:
-    cfg = config.transformation
+def run(ctx: StageContext, inputs: Inputs) -> DataTransformationArtifact:
+    cfg, run_dir = ctx.config.transformation, ctx.run
+    ingestion = inputs.get(DataIngestionArtifact)
     size = resolve_image_size(cfg.image_size, ingestion.median_image_side)
-    items = read_items(run_dir.path, ingestion)
+    items = ingestion.read_items(run_dir.path)
     splits, strategy = assign_splits(items, ingestion.splits_given, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     grouped = any(i.group is not None for i in items)
     if grouped:
         strategy += ", grouped by patient (StratifiedGroupKFold)"
-    class_index = {name: i for i, name in enumerate(ingestion.class_names)}
     out = run_dir.stage_dir(STAGE)
-    root = dataset_root(run_dir.path, ingestion)
-    decode = _npz_decoder(root, size) if ingestion.source_kind == "npz" else _file_decoder(root, size)
-
-    arrays: dict[str, str] = {}
-    counts: dict[str, dict[str, int]] = {}
-    files: list[Path] = []
-    train_pixels: np.ndarray | None = None
-    with open(out / "splits.jsonl", "w") as index:
-        for split in SPLITS:
-            chosen = splits[split]
-            pixels = decode(chosen, split)
-            labels = np.array([class_index[i.label] for i in chosen], dtype=np.int64)
-            np.save(out / f"{split}_x.npy", pixels)
-            np.save(out / f"{split}_y.npy", labels)
-            arrays[f"{split}_x"] = run_dir.relative(out / f"{split}_x.npy")
-            arrays[f"{split}_y"] = run_dir.relative(out / f"{split}_y.npy")
-            files += [out / f"{split}_x.npy", out / f"{split}_y.npy"]
-            counts[split] = dict(sorted(Counter(i.label for i in chosen).items()))
-            for row, item in enumerate(chosen):
-                index.write(json.dumps({
-                    "split": split, "row": row, "label": item.label, "ref": item.ref, "sha256": item.sha256,
-                    "group": item.group, "metadata": item.metadata,
-                }) + "\n")
-            if split == "train":
-                train_pixels = pixels
-    files.append(out / "splits.jsonl")
-    assert train_pixels is not None
+    arrays, counts, train_pixels = _write_splits(splits, ingestion.class_names, decoder(ingestion, run_dir.path, size), out)
+    files = [out / f"{split}_{part}.npy" for split in SPLITS for part in ("x", "y")] + [out / "splits.jsonl"]
     scaled = train_pixels.astype(np.float32) / 255.0
     normalization = {"mean": round(float(scaled.mean()), 6), "std": round(max(float(scaled.std()), 1e-3), 6)}
     logger.info(
@@ -83,20 +56,45 @@ def run(config: PipelineConfig, run_dir: RunDir, ingestion: DataIngestionArtifac
     )
     return DataTransformationArtifact(
         header=new_header(
-            run_dir, DataTransformationArtifact, STAGE, stage_fingerprint(config, ingestion, code),
-            parents=[ingestion.header.artifact_id], files=files,
+            run_dir, DataTransformationArtifact, STAGE, ctx.fingerprint, parents=[ingestion.header.artifact_id], files=files,
         ),
         class_names=ingestion.class_names,
         image_size=size,
         channels=1,
         split_strategy=strategy,
         counts=counts,
-        arrays=arrays,
+        arrays={key: run_dir.relative(path) for key, path in arrays.items()},
         normalization=normalization,
         augmentation=to_jsonable(cfg.augment),
         grouped_by="patient" if grouped else "image",
         **source_contract(ingestion),
     )
+
+
+def _write_splits(
+    splits: dict[str, list[Item]], class_names: tuple[str, ...], decode: Decoder, out: Path
+) -> tuple[dict[str, Path], dict[str, dict[str, int]], np.ndarray]:
+    """Decode each split once into {split}_x/_y.npy and index it in splits.jsonl: (arrays, counts, train pixels)."""
+    class_index = {name: i for i, name in enumerate(class_names)}
+    arrays: dict[str, Path] = {}
+    counts: dict[str, dict[str, int]] = {}
+    train_pixels = np.empty((0, 0, 0), dtype=np.uint8)
+    with open(out / "splits.jsonl", "w") as index:
+        for split in SPLITS:
+            chosen = splits[split]
+            pixels = decode(chosen, split)
+            np.save(out / f"{split}_x.npy", pixels)
+            np.save(out / f"{split}_y.npy", np.array([class_index[i.label] for i in chosen], dtype=np.int64))
+            arrays[f"{split}_x"], arrays[f"{split}_y"] = out / f"{split}_x.npy", out / f"{split}_y.npy"
+            counts[split] = dict(sorted(Counter(i.label for i in chosen).items()))
+            for row, item in enumerate(chosen):
+                index.write(json.dumps({
+                    "split": split, "row": row, "label": item.label, "ref": item.ref, "sha256": item.sha256,
+                    "group": item.group, "metadata": item.metadata,
+                }) + "\n")
+            if split == "train":
+                train_pixels = pixels
+    return arrays, counts, train_pixels
 
 
 def source_contract(ingestion: DataIngestionArtifact) -> dict[str, str | int]:
@@ -187,64 +185,3 @@ def _connected_groups(pool: list[Item]) -> list[int]:
         parent[root(f"h:{item.sha256}")] = root(f"g:{item.group or item.sha256}")
     ids: dict[str, int] = {}
     return [ids.setdefault(root(f"g:{i.group or i.sha256}"), len(ids)) for i in pool]
-
-
-def _file_decoder(root: Path, size: int):
-    def decode(items: list[Item], split: str) -> np.ndarray:
-        out = np.empty((len(items), size, size), dtype=np.uint8)
-
-        def one(index: int) -> None:
-            out[index] = load_pixels(root / items[index].ref, size)
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=f"decode {split}", unit="img", leave=False, disable=None))
-        return out
-
-    return decode
-
-
-def _npz_decoder(path: Path, size: int):
-    from PIL import Image
-
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {s: load_npz_split(archive, s)[0] for s in SPLITS if f"{s}_images" in archive.files}
-
-    def decode(items: list[Item], split: str) -> np.ndarray:
-        out = np.empty((len(items), size, size), dtype=np.uint8)
-        for row, item in enumerate(items):
-            source_split, index = item.ref.split(":")
-            pixels = arrays[source_split][int(index)]
-            if pixels.ndim == 3:
-                pixels = pixels[..., 0] if pixels.shape[-1] == 1 else to_grayscale_array(Image.fromarray(_as_uint8(pixels), mode="RGB"))
-            out[row] = resize_square(_as_uint8(pixels), size)
-        return out
-
-    return decode
-
-
-def _as_uint8(pixels: np.ndarray) -> np.ndarray:
-    """MedMNIST ships uint8; other archives may hold 16-bit or [0, 1] floats."""
-    if pixels.dtype == np.uint8:
-        return np.ascontiguousarray(pixels)
-    values = pixels.astype(np.float64)
-    if np.issubdtype(pixels.dtype, np.floating) and values.max() <= 1.0:
-        values = values * 255.0
-    elif pixels.dtype == np.uint16 or values.max() > 255:
-        values = values / max(values.max(), 1.0) * 255.0
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
-def split_pixels(
-    run_path: Path, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, split: str, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """A split's images at any size: the cached arrays, or re-decoded from the snapshot for another size."""
-    labels = np.load(run_path / transformation.arrays[f"{split}_y"])
-    if size == transformation.image_size:
-        return np.load(run_path / transformation.arrays[f"{split}_x"]), labels
-    index_path = run_path / Path(transformation.arrays[f"{split}_x"]).parent / "splits.jsonl"
-    with open(index_path) as fh:
-        rows = [json.loads(line) for line in fh]
-    items = [Item(**{k: v for k, v in r.items() if k != "row"}) for r in rows if r["split"] == split]
-    root = dataset_root(run_path, ingestion)
-    decode = _npz_decoder(root, size) if ingestion.source_kind == "npz" else _file_decoder(root, size)
-    return decode(items, split), labels

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from torch import nn
 
 from xray import model_card, plots
 from xray.bootstrap import bootstrap_intervals, subgroup_metrics
-from xray.components.model_trainer import preprocessing_of
 from xray.entity.artifact_entity import (
     CandidateEvaluation,
     DataIngestionArtifact,
@@ -35,45 +35,82 @@ from xray import selection
 from xray.external import ExternalSet, load_external
 from xray.inference import TTA_VIEWS, choose_device, predict_proba, prepare_model
 from xray.metrics import compute_metrics
-from xray.models import ENSEMBLE, Ensemble, build_model, load_checkpoint
+from xray.models import ENSEMBLE, Ensemble
 from xray.operating_point import operating_point, positive_indices
 from xray.preprocessing import Preprocessing, resize_batch
-from xray.store import RunDir, fingerprint, new_header
+from xray.stage import Inputs, StageContext
+from xray.store import RunDir, fingerprint as fingerprint_of, new_header, stage_code_hash
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
 
 STAGE = "model_evaluation"
+CACHED = True
 
 
-def stage_fingerprint(
-    config: PipelineConfig, transformation: DataTransformationArtifact, trainer: ModelTrainerArtifact, code: str
-) -> str:
-    upstream = [transformation.header.fingerprint, trainer.header.fingerprint]
-    return fingerprint(STAGE, to_jsonable(config.evaluation), upstream, code)
+def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
+    upstream = [inputs.get(DataTransformationArtifact).header.fingerprint, inputs.get(ModelTrainerArtifact).header.fingerprint]
+    return fingerprint_of(STAGE, to_jsonable(config.evaluation), upstream, stage_code_hash(__name__))
 
 
-def run(
-    config: PipelineConfig,
-    run_dir: RunDir,
-    ingestion: DataIngestionArtifact,
-    transformation: DataTransformationArtifact,
-    trainer: ModelTrainerArtifact,
-    code: str,
-) -> ModelEvaluationArtifact:
-    cfg = config.evaluation
+@dataclass(frozen=True)
+class _Choice:
+    """The chosen candidate and why: on validation, or on the cross-validated means."""
+
+    best: CandidateEvaluation
+    basis: str  # validation | cross_validation
+    cv_stats: dict[str, dict[str, float]]
+    ensemble: EnsembleDecision | None
+
+
+def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
+    cfg, run_dir = ctx.config.evaluation, ctx.run
+    ingestion, transformation = inputs.get(DataIngestionArtifact), inputs.get(DataTransformationArtifact)
+    trainer = inputs.get(ModelTrainerArtifact)
     out = run_dir.stage_dir(STAGE)
     classes = transformation.class_names
-    preprocessing = preprocessing_of(transformation, trainer.architecture_input["image_size"])
-    arrays = {k: np.load(run_dir.path / v) for k, v in transformation.arrays.items() if not k.startswith("train")}
+    preprocessing = transformation.preprocessing(trainer.architecture_input["image_size"])
+    arrays = {k: transformation.load_array(run_dir.path, k) for k in transformation.arrays if not k.startswith("train")}
     arrays = {k: resize_batch(v, preprocessing.image_size) if k.endswith("_x") else v for k, v in arrays.items()}
-    device = choose_device()
-    scorer = _Scorer(arrays, preprocessing, device, classes, cfg)
+    scorer = _Scorer(arrays, preprocessing, choose_device(), classes, cfg)
+    models = _score_models(scorer, trainer, run_dir, out, cfg)
+    external_record = _score_external(scorer, models, cfg, preprocessing)
+    evaluations = _with_confusion_plots(scorer, classes, run_dir, out)
+    files = [out / f"confusion_{e.name}.png" for e in evaluations] + ([out / f"{ENSEMBLE}.pt"] if ENSEMBLE in models else [])
+    choice = _choose(evaluations, trainer, scorer, cfg)
+    best = choice.best
+    report_plots = _report_plots(trainer, scorer, models[best.name], best.name, cfg, choice.cv_stats, out)
+    clinical = _clinical_evidence(ctx.config, run_dir, ingestion, transformation, arrays, scorer.val_probs[best.name], scorer.test_probs[best.name])
+    card = model_card.build_card(
+        run_dir.run_id, best.name, ingestion, transformation, clinical["intervals"], clinical["bootstrap"],
+        clinical["operating_point"], clinical["subgroups"], f"{choice.basis.replace('_', '-')} {cfg.selection_metric}",
+    )
+    card_json, card_md = model_card.write_card(card, out)
+    table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out, choice.cv_stats, choice.ensemble, external_record)
+    files += [card_json, card_md] + [p for k, p in report_plots.items() if k != "confusion_matrix"] + [table_md, table_json]
+    logger.info("best candidate by %s %s: %s", choice.basis.replace("_", "-"), cfg.selection_metric, best.name)
+    return ModelEvaluationArtifact(
+        header=new_header(
+            run_dir, ModelEvaluationArtifact, STAGE, ctx.fingerprint,
+            parents=[transformation.header.artifact_id, trainer.header.artifact_id], files=files,
+        ),
+        selection_metric=cfg.selection_metric, best_candidate=best.name, best_checkpoint=best.checkpoint,
+        candidates=tuple(evaluations), comparison_markdown=run_dir.relative(table_md),
+        comparison_json=run_dir.relative(table_json), plots={k: run_dir.relative(p) for k, p in report_plots.items()},
+        gradcam=(run_dir.relative(report_plots["gradcam"]),) if "gradcam" in report_plots else (),
+        selection_basis=choice.basis, cross_validation=choice.cv_stats, **clinical,
+        model_card_json=run_dir.relative(card_json), model_card_markdown=run_dir.relative(card_md),
+        image_size=preprocessing.image_size, ensemble=choice.ensemble, external=external_record,
+    )
 
+
+def _score_models(
+    scorer: _Scorer, trainer: ModelTrainerArtifact, run_dir: RunDir, out: Path, cfg: EvaluationConfig
+) -> dict[str, nn.Module]:
+    """Every candidate's checkpoint, and their ensemble when there are two or more, scored on val and test."""
     models: dict[str, nn.Module] = {}
     for candidate in trainer.candidates:
-        model = load_checkpoint(build_model(candidate.name, len(classes)), run_dir.path / candidate.checkpoint)
-        models[candidate.name] = prepare_model(model, device)
+        models[candidate.name] = prepare_model(candidate.load(run_dir.path, len(scorer.classes)), scorer.device)
         scorer.add(candidate.name, models[candidate.name], candidate.checkpoint)
     if cfg.ensemble != "off" and len(trainer.candidates) >= 2:
         names = tuple(c.name for c in trainer.candidates)
@@ -82,15 +119,23 @@ def run(
         torch.save({k: v.detach().cpu() for k, v in ensemble.state_dict().items()}, checkpoint)
         models[ENSEMBLE] = ensemble
         scorer.add(ENSEMBLE, ensemble, run_dir.relative(checkpoint), members=names)
-    external_record: dict[str, Any] = {}
-    if cfg.external is not None:
-        external = load_external(cfg.external, dict(cfg.external_classes), classes, preprocessing)
-        scorer.score_external(models, external)
-        external_record = {
-            "uri": external.uri, "classes": dict(cfg.external_classes), "counts": external.counts,
-            "unreadable": list(external.unreadable),
-        }
+    return models
 
+
+def _score_external(
+    scorer: _Scorer, models: dict[str, nn.Module], cfg: EvaluationConfig, preprocessing: Preprocessing
+) -> dict[str, Any]:
+    if cfg.external is None:
+        return {}
+    external = load_external(cfg.external, dict(cfg.external_classes), scorer.classes, preprocessing)
+    scorer.score_external(models, external)
+    return {
+        "uri": external.uri, "classes": dict(cfg.external_classes), "counts": external.counts,
+        "unreadable": list(external.unreadable),
+    }
+
+
+def _with_confusion_plots(scorer: _Scorer, classes: tuple[str, ...], run_dir: RunDir, out: Path) -> list[CandidateEvaluation]:
     evaluations = []
     for name, scores in scorer.scores.items():
         cm_path = plots.confusion_matrix_png(
@@ -103,65 +148,40 @@ def run(
             scores.validation.accuracy, scores.test.roc_auc, scores.test.accuracy,
             f" | external auc {scores.external.roc_auc:.4f} acc {scores.external.accuracy:.4f}" if scores.external else "",
         )
-    files = [out / f"confusion_{e.name}.png" for e in evaluations]
-    if ENSEMBLE in models:
-        files.append(out / f"{ENSEMBLE}.pt")
+    return evaluations
 
+
+def _choose(evaluations: list[CandidateEvaluation], trainer: ModelTrainerArtifact, scorer: _Scorer, cfg: EvaluationConfig) -> _Choice:
     cv_stats = cross_validation_stats(trainer, cfg.selection_metric)
     cv_means = {name: stats["mean"] for name, stats in cv_stats.items()} or None
-    basis = "cross_validation" if cv_means else "validation"
     members = [e for e in evaluations if e.name != ENSEMBLE]
     best = choose_best(members, cfg.selection_metric, cv_means)
     decision = None
-    if ENSEMBLE in models:
-        decision = decide_ensemble(members, best, scorer.val_probs, arrays["val_y"], cfg, cv_means)
+    if len(members) < len(evaluations):
+        decision = decide_ensemble(members, best, scorer.val_probs, scorer.arrays["val_y"], cfg, cv_means)
         if decision.chosen:
             best = next(e for e in evaluations if e.name == ENSEMBLE)
         logger.info("ensemble: %s", decision.reason)
-    test_probs = scorer.test_probs
+    return _Choice(best, "cross_validation" if cv_means else "validation", cv_stats, decision)
+
+
+def _report_plots(
+    trainer: ModelTrainerArtifact, scorer: _Scorer, model: nn.Module, best: str, cfg: EvaluationConfig,
+    cv_stats: dict[str, dict[str, float]], out: Path,
+) -> dict[str, Path]:
+    arrays, classes = scorer.arrays, scorer.classes
     report_plots = {
-        "roc_curves": plots.roc_curves_png(arrays["test_y"], test_probs, classes, "ROC, test split", out / "roc_curves.png"),
+        "roc_curves": plots.roc_curves_png(arrays["test_y"], scorer.test_probs, classes, "ROC, test split", out / "roc_curves.png"),
         "training_curves": plots.training_curves_png({c.name: c.history for c in trainer.candidates}, out / "training_curves.png"),
-        "confusion_matrix": out / f"confusion_{best.name}.png",
+        "confusion_matrix": out / f"confusion_{best}.png",
     }
-    gradcam = _gradcam_gallery(models[best.name], arrays, preprocessing, classes, cfg.gradcam_per_class, test_probs[best.name], out)
+    gradcam = _gradcam_gallery(model, arrays, scorer.preprocessing, classes, cfg.gradcam_per_class, scorer.test_probs[best], out)
     if gradcam is not None:
         report_plots["gradcam"] = gradcam
     if cv_stats:
         fold_values = {c.name: tuple(getattr(f, cfg.selection_metric) for f in c.cv_fold_metrics) for c in trainer.candidates}
         report_plots["cv_folds"] = plots.folds_png(fold_values, cfg.selection_metric, out / "cv_folds.png")
-    clinical = _clinical_evidence(config, run_dir, ingestion, transformation, arrays, scorer.val_probs[best.name], test_probs[best.name])
-    card = model_card.build_card(
-        run_dir.run_id, best.name, ingestion, transformation, clinical["intervals"], clinical["bootstrap"],
-        clinical["operating_point"], clinical["subgroups"], f"{basis.replace('_', '-')} {cfg.selection_metric}",
-    )
-    card_json, card_md = model_card.write_card(card, out)
-    files += [card_json, card_md]
-    table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out, cv_stats, decision, external_record)
-    files += [p for k, p in report_plots.items() if k != "confusion_matrix"] + [table_md, table_json]
-    logger.info("best candidate by %s %s: %s", basis.replace("_", "-"), cfg.selection_metric, best.name)
-    return ModelEvaluationArtifact(
-        header=new_header(
-            run_dir, ModelEvaluationArtifact, STAGE, stage_fingerprint(config, transformation, trainer, code),
-            parents=[transformation.header.artifact_id, trainer.header.artifact_id], files=files,
-        ),
-        selection_metric=cfg.selection_metric,
-        best_candidate=best.name,
-        best_checkpoint=best.checkpoint,
-        candidates=tuple(evaluations),
-        comparison_markdown=run_dir.relative(table_md),
-        comparison_json=run_dir.relative(table_json),
-        plots={k: run_dir.relative(p) for k, p in report_plots.items()},
-        gradcam=(run_dir.relative(gradcam),) if gradcam is not None else (),
-        selection_basis=basis,
-        cross_validation=cv_stats,
-        **clinical,
-        model_card_json=run_dir.relative(card_json),
-        model_card_markdown=run_dir.relative(card_md),
-        image_size=preprocessing.image_size,
-        ensemble=decision,
-        external=external_record,
-    )
+    return report_plots
 
 
 class _Scorer:
@@ -204,7 +224,7 @@ class _Scorer:
 
 def tta_helps(plain: SplitMetrics, with_tta: SplitMetrics, metric: str) -> bool:
     """Keep TTA only where validation improves: a higher selection metric, or the same and a lower loss."""
-    a, b = metric_value(plain, metric), metric_value(with_tta, metric)
+    a, b = plain.value(metric), with_tta.value(metric)
     return b > a or (b == a and with_tta.loss < plain.loss)
 
 
@@ -274,11 +294,6 @@ def _clinical_evidence(
     }
 
 
-def metric_value(metrics: SplitMetrics, metric: str) -> float:
-    value = getattr(metrics, metric)
-    return -math.inf if value is None or math.isnan(value) else float(value)
-
-
 def choose_best(
     evaluations: list[CandidateEvaluation], metric: str, cv_means: dict[str, float] | None = None
 ) -> CandidateEvaluation:
@@ -289,7 +304,7 @@ def choose_best(
 
     def primary(e: CandidateEvaluation) -> float:
         if cv_means is None:
-            return metric_value(e.validation, metric)
+            return e.validation.value(metric)
         value = cv_means[e.name]
         return -math.inf if math.isnan(value) else (-value if metric == "loss" else value)
 
@@ -333,6 +348,37 @@ def _comparison(
     decision: EnsembleDecision | None = None,
     external: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
+    """comparison.json and comparison.md: one row per candidate (and the ensemble), the choice and its basis."""
+    rows = _comparison_rows(evaluations, trainer, best, cv_stats)
+    json_path = out / "comparison.json"
+    folds = int(next(iter(cv_stats.values()))["folds"]) if cv_stats else 0
+    basis = f"{folds}-fold cross-validated {metric} (mean over folds of train+val)" if cv_stats else f"validation {metric}"
+    summary = {"selection_metric": basis, "best": best, "candidates": rows}
+    if decision is not None:
+        summary["ensemble"] = dataclasses.asdict(decision)
+    if external:
+        summary["external"] = external
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"Chosen by {basis}: **{best}**", "", *_comparison_table(rows)]
+    if decision is not None:
+        lines += ["", f"Ensemble: {decision.reason}."]
+    if external:
+        counts = ", ".join(f"{name} {n}" for name, n in external["counts"].items())
+        lines += ["", f"External check: {external['uri']} ({counts} films; classes {external['classes']}), "
+                  "scored through the serving path (`load_for_model`)."]
+    if cv_stats:
+        lines += ["", f"Cross-validation, {metric} per candidate (mean ± std over {folds} folds):", ""]
+        lines += [f"- {r['candidate']}: {r['cv_mean']:.4f} ± {r['cv_std']:.4f}" for r in rows if "cv_mean" in r]
+        if any(c.cv_final_model == "retrain" for c in trainer.candidates):
+            lines += ["", "The final models were retrained on train+val, so their validation numbers above are in-sample."]
+    md_path = out / "comparison.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, json_path
+
+
+def _comparison_rows(
+    evaluations, trainer: ModelTrainerArtifact, best: str, cv_stats: dict[str, dict[str, float]] | None
+) -> list[dict[str, Any]]:
     by_name = {c.name: c for c in trainer.candidates}
     rows = []
     for e in evaluations:
@@ -359,20 +405,16 @@ def _comparison(
         if cv_stats and e.name in cv_stats:
             stats = cv_stats[e.name]
             rows[-1].update(cv_mean=stats["mean"], cv_std=stats["std"], cv_folds=int(stats["folds"]))
-    json_path = out / "comparison.json"
-    folds = int(next(iter(cv_stats.values()))["folds"]) if cv_stats else 0
-    basis = f"{folds}-fold cross-validated {metric} (mean over folds of train+val)" if cv_stats else f"validation {metric}"
-    summary = {"selection_metric": basis, "best": best, "candidates": rows}
-    if decision is not None:
-        summary["ensemble"] = dataclasses.asdict(decision)
-    if external:
-        summary["external"] = external
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return rows
+
+
+def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table; external columns only when the external check ran."""
     with_external = any(r["external_accuracy"] is not None for r in rows)
     header = "| candidate | TTA | val AUC | val acc | test AUC | test acc | test F1 | test ECE |"
     header += " ext AUC | ext acc |" if with_external else ""
     header += " epochs | img/s | params |"
-    lines = [f"Chosen by {basis}: **{best}**", "", header, "|" + "---|" * (header.count("|") - 1)]
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         mark = " ✔" if r["chosen"] else ""
         name = f"{r['candidate']} ({' + '.join(r['members'])})" if r["members"] else r["candidate"]
@@ -385,17 +427,4 @@ def _comparison(
         img_s = "-" if r["images_per_second"] is None else f"{r['images_per_second']:.0f}"
         line += f" {r['epochs_run']} | {img_s} | {r['parameters']:,} |"
         lines.append(line)
-    if decision is not None:
-        lines += ["", f"Ensemble: {decision.reason}."]
-    if external:
-        counts = ", ".join(f"{name} {n}" for name, n in external["counts"].items())
-        lines += ["", f"External check: {external['uri']} ({counts} films; classes {external['classes']}), "
-                  "scored through the serving path (`load_for_model`)."]
-    if cv_stats:
-        lines += ["", f"Cross-validation, {metric} per candidate (mean ± std over {folds} folds):", ""]
-        lines += [f"- {r['candidate']}: {r['cv_mean']:.4f} ± {r['cv_std']:.4f}" for r in rows if "cv_mean" in r]
-        if any(c.cv_final_model == "retrain" for c in trainer.candidates):
-            lines += ["", "The final models were retrained on train+val, so their validation numbers above are in-sample."]
-    md_path = out / "comparison.md"
-    md_path.write_text("\n".join(lines) + "\n")
-    return md_path, json_path
+    return lines

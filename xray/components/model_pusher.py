@@ -19,39 +19,91 @@ import logging
 from pathlib import Path
 
 from xray import registry
-from xray.components.data_transformation import split_pixels
-from xray.components.model_evaluation import metric_value
-from xray.components.model_trainer import preprocessing_of
 from xray.entity.artifact_entity import (
     DataIngestionArtifact,
     DataTransformationArtifact,
     ModelEvaluationArtifact,
     ModelPusherArtifact,
+    SplitMetrics,
 )
-from xray.entity.config_entity import PipelineConfig
+from xray.entity.config_entity import GateConfig, PipelineConfig
 from xray.errors import XrayError
 from xray.metrics import compute_metrics
 from xray.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
 from xray.seal import seal_evidence
-from xray.store import RunDir, new_header, sha256_file, utc_now, write_json_atomic
+from xray.snapshot import split_pixels
+from xray.stage import Inputs, StageContext
+from xray.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash, utc_now, write_json_atomic
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
 
 STAGE = "model_pusher"
+CACHED = False  # the gate compares with the production model, which lives outside the run
 
 
-def run(
-    config: PipelineConfig,
-    run_dir: RunDir,
-    ingestion: DataIngestionArtifact,
-    transformation: DataTransformationArtifact,
-    evaluation: ModelEvaluationArtifact,
-) -> ModelPusherArtifact:
-    gate, push = config.gate, config.push
-    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
-    metric = evaluation.selection_metric
-    test = best.test
+def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
+    """The gate and push settings, the evaluated model and its data, and this code.
+
+    Never a cache key: the gate compares with the production model, which lives outside the run.
+    """
+    upstream = [
+        inputs.get(DataIngestionArtifact).header.fingerprint,
+        inputs.get(DataTransformationArtifact).header.fingerprint,
+        inputs.get(ModelEvaluationArtifact).header.fingerprint,
+    ]
+    params = {"gate": to_jsonable(config.gate), "push": to_jsonable(config.push)}
+    return fingerprint_of(STAGE, params, upstream, stage_code_hash(__name__))
+
+
+def run(ctx: StageContext, inputs: Inputs) -> ModelPusherArtifact:
+    config, run_dir = ctx.config, ctx.run
+    ingestion, transformation = inputs.get(DataIngestionArtifact), inputs.get(DataTransformationArtifact)
+    evaluation = inputs.get(ModelEvaluationArtifact)
+    best, metric = evaluation.chosen(), evaluation.selection_metric
+    reasons = _gate_reasons(best.test, config.gate)
+    candidate_score = best.test.value(metric)
+    production_tag, production_score = None, None
+    if config.gate.compare_with_production:
+        production_tag, production_score = _rescore_production(run_dir, ingestion, transformation, config.push.model_name, metric)
+    if production_score is not None and candidate_score < production_score:
+        reasons.append(
+            f"test {metric} {candidate_score:.4f} is below production {production_tag} "
+            f"re-scored on this test split ({production_score:.4f})"
+        )
+    model_tag, s3_uris, evidence = None, [], None
+    if not reasons:
+        previous = registry.production_tag(config.push.model_name)
+        model_tag, s3_uris, evidence = push_model(config, run_dir, ingestion, transformation, evaluation)
+        reasons = [f"passed the gate; pushed as {model_tag} (evidence seal {evidence})"]
+        if production_score is not None:
+            reasons.append(f"test {metric} {candidate_score:.4f} >= production {production_tag} ({production_score:.4f})")
+        registry.record_change(
+            config.push.model_name, "gate", previous, model_tag,
+            f"run {run_dir.run_id}: test {metric} {candidate_score:.4f}; " + "; ".join(reasons),
+            who=f"gate ({registry.current_user()})",
+        )
+        logger.info("model_pusher: %s", "; ".join(reasons))
+    else:
+        logger.warning("model_pusher: %s not pushed: %s", best.name, "; ".join(reasons))
+    decision_path = run_dir.stage_dir(STAGE) / "decision.json"
+    artifact_fields = dict(
+        pushed=model_tag is not None, candidate=best.name, reasons=tuple(reasons), model_tag=model_tag,
+        production_before=production_tag, production_score=production_score, candidate_score=candidate_score,
+        s3_uris=tuple(s3_uris), evidence_seal=evidence,
+    )
+    write_json_atomic(decision_path, {"gate": to_jsonable(config.gate), "metric": metric, **artifact_fields})
+    return ModelPusherArtifact(
+        header=new_header(
+            run_dir, ModelPusherArtifact, STAGE, ctx.fingerprint,
+            parents=[evaluation.header.artifact_id, transformation.header.artifact_id], files=[decision_path],
+        ),
+        **artifact_fields,
+    )
+
+
+def _gate_reasons(test: SplitMetrics, gate: GateConfig) -> list[str]:
+    """Why the chosen model may not be pushed on its own test numbers (empty: it clears the thresholds)."""
     reasons: list[str] = []
     if not test.roc_auc >= gate.min_roc_auc:
         reasons.append(f"test ROC-AUC {test.roc_auc:.4f} is below gate.min_roc_auc {gate.min_roc_auc}")
@@ -60,63 +112,24 @@ def run(
     for name, per_class in test.per_class.items():
         if per_class.recall < gate.min_class_recall:
             reasons.append(f"recall of {name} {per_class.recall:.4f} is below gate.min_class_recall {gate.min_class_recall}")
-    candidate_score = metric_value(test, metric)
+    return reasons
 
-    production_tag, production_score = None, None
-    production = production_model_dir(push.model_name) if gate.compare_with_production else None
-    if production is not None:
-        production_tag, _ = production
-        prod = load_stored_model(production_tag)
-        if tuple(prod.spec.class_names) != tuple(transformation.class_names):
-            logger.info("production %s has other classes %s; not comparable", production_tag, prod.spec.class_names)
-            production_tag = None
-        else:
-            pixels, labels = split_pixels(run_dir.path, ingestion, transformation, "test", prod.spec.preprocessing.image_size)
-            prod_metrics = compute_metrics(labels, prod.predict_proba(pixels), transformation.class_names)
-            production_score = metric_value(prod_metrics, metric)
-            if candidate_score < production_score:
-                reasons.append(
-                    f"test {metric} {candidate_score:.4f} is below production {production_tag} "
-                    f"re-scored on this test split ({production_score:.4f})"
-                )
 
-    model_tag, s3_uris, evidence = None, [], None
-    if not reasons:
-        previous = registry.production_tag(push.model_name)
-        model_tag, s3_uris, evidence = push_model(config, run_dir, ingestion, transformation, evaluation)
-        verdict = [f"passed the gate; pushed as {model_tag} (evidence seal {evidence})"]
-        if production_score is not None:
-            verdict.append(f"test {metric} {candidate_score:.4f} >= production {production_tag} ({production_score:.4f})")
-        reasons = verdict
-        registry.record_change(
-            push.model_name, "gate", previous, model_tag,
-            f"run {run_dir.run_id}: test {metric} {candidate_score:.4f}; " + "; ".join(verdict),
-            who=f"gate ({registry.current_user()})",
-        )
-        logger.info("model_pusher: %s", "; ".join(reasons))
-    else:
-        logger.warning("model_pusher: %s not pushed: %s", best.name, "; ".join(reasons))
-
-    decision_path = run_dir.stage_dir(STAGE) / "decision.json"
-    artifact_fields = dict(
-        pushed=model_tag is not None,
-        candidate=best.name,
-        reasons=tuple(reasons),
-        model_tag=model_tag,
-        production_before=production_tag,
-        production_score=production_score,
-        candidate_score=candidate_score,
-        s3_uris=tuple(s3_uris),
-        evidence_seal=evidence,
-    )
-    write_json_atomic(decision_path, {"gate": to_jsonable(gate), "metric": metric, **artifact_fields})
-    return ModelPusherArtifact(
-        header=new_header(
-            run_dir, ModelPusherArtifact, STAGE, "",
-            parents=[evaluation.header.artifact_id, transformation.header.artifact_id], files=[decision_path],
-        ),
-        **artifact_fields,
-    )
+def _rescore_production(
+    run_dir: RunDir, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, model_name: str, metric: str
+) -> tuple[str | None, float | None]:
+    """(production tag, its ``metric`` on this run's test split); (None, None) when there is none or its classes differ."""
+    production = production_model_dir(model_name)
+    if production is None:
+        return None, None
+    production_tag, _ = production
+    prod = load_stored_model(production_tag)
+    if tuple(prod.spec.class_names) != tuple(transformation.class_names):
+        logger.info("production %s has other classes %s; not comparable", production_tag, prod.spec.class_names)
+        return None, None
+    pixels, labels = split_pixels(run_dir.path, ingestion, transformation, "test", prod.spec.preprocessing.image_size)
+    prod_metrics = compute_metrics(labels, prod.predict_proba(pixels), transformation.class_names)
+    return production_tag, prod_metrics.value(metric)
 
 
 def model_spec(
@@ -128,11 +141,11 @@ def model_spec(
     seal_digest: str | None = None,
 ) -> ModelSpec:
     """The chosen model's spec: what the pusher stores and what an MLflow export logs."""
-    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    best = evaluation.chosen()
     return ModelSpec(
         architecture=best.name,
         class_names=transformation.class_names,
-        preprocessing=preprocessing_of(transformation, evaluation.image_size),
+        preprocessing=transformation.preprocessing(evaluation.image_size),
         run_id=run_id,
         data_fingerprint=ingestion.data_fingerprint,
         weights_sha256=sha256_file(checkpoint),
@@ -176,7 +189,7 @@ def _add_to_store(
 ) -> None:
     import bentoml
 
-    best = next(c for c in evaluation.candidates if c.name == evaluation.best_candidate)
+    best = evaluation.chosen()
     checkpoint = run_dir.path / evaluation.best_checkpoint
     spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint, seal_digest=evidence)
     metrics = spec.metrics

@@ -7,8 +7,17 @@ so an auditor can check a run without trusting the code that wrote it.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from xray.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class ArtifactHeader:
 
 @dataclass(frozen=True)
 class UnreadableFile:
+    """A file the source holds that could not be decoded: excluded from the data, never silently."""
+
     path: str
     reason: str
 
@@ -54,10 +65,25 @@ class GroupLeak:
 
 @dataclass(frozen=True)
 class SourceObject:
+    """An S3 object as the snapshot took it: what an auditor compares with the bucket."""
+
     key: str
     size: int
     etag: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of an ingested dataset: a line of ``data_ingestion/items.jsonl``."""
+
+    split: str  # train | val | test, or "all" when the source gives no split
+    label: str
+    ref: str  # path relative to the dataset root, or "split:index" inside an .npz
+    sha256: str
+    group: str | None = None  # the patient (ingestion.group_by); None: the image is its own group
+    metadata: dict[str, str] = field(default_factory=dict)  # the metadata CSV's other columns (sex, view, site…)
+    dicom: dict[str, str | int] | None = None  # DICOM attributes that decided the pixels (modality, window…)
 
 
 @dataclass(frozen=True)
@@ -83,9 +109,20 @@ class DataIngestionArtifact:
     metadata_columns: tuple[str, ...] = ()  # metadata CSV columns carried per image (sex, view, site…)
     dicom_images: int = 0  # how many images were DICOM (their attributes are in items.jsonl)
 
+    def dataset_root(self, run_path: Path) -> Path:
+        """The folder or .npz the images are read from."""
+        path = Path(self.dataset_path)
+        return path if path.is_absolute() else run_path / path
+
+    def read_items(self, run_path: Path) -> list[Item]:
+        with open(run_path / self.index_file) as fh:
+            return [Item(**json.loads(line)) for line in fh if line.strip()]
+
 
 @dataclass(frozen=True)
 class DataTransformationArtifact:
+    """The splits as decoded arrays, and the normalisation and augmentation every model trains with."""
+
     header: ArtifactHeader
     class_names: tuple[str, ...]
     image_size: int
@@ -101,6 +138,29 @@ class DataTransformationArtifact:
     source_crop: str = "none"
     source_size: int = 0
     source_filter: str = "bilinear"
+
+    def preprocessing(self, image_size: int = 0) -> Preprocessing:
+        """The preprocessing contract of models trained on these arrays.
+
+        ``image_size``: the size the models were trained at when the time budget shrank it (0: this artifact's).
+        """
+        from xray.preprocessing import Preprocessing
+
+        return Preprocessing(
+            image_size=image_size or self.image_size,
+            mean=self.normalization["mean"],
+            std=self.normalization["std"],
+            channels=self.channels,
+            source_crop=self.source_crop,
+            source_size=self.source_size,
+            source_filter=self.source_filter,
+        )
+
+    def load_array(self, run_path: Path, key: str) -> np.ndarray:
+        """One cached array: ``train_x`` (uint8 N×H×W), ``train_y`` (int64 labels), ``val_x``, … ``test_y``."""
+        import numpy as np
+
+        return np.load(run_path / self.arrays[key])
 
 
 @dataclass(frozen=True)
@@ -151,6 +211,12 @@ class CandidateModel:
     cv_retrain_epochs: int | None = None  # epochs of the retrain on train+val (mean best epoch over folds)
     stopped_by_budget: bool = False  # the wall-clock guard ended it: the next epoch would have overrun trainer.time_budget
 
+    def load(self, run_path: Path, num_classes: int) -> nn.Module:
+        """The best checkpoint in its architecture, on CPU, in eval mode."""
+        from xray.models import build_model, load_checkpoint
+
+        return load_checkpoint(build_model(self.name, num_classes), run_path / self.checkpoint)
+
 
 @dataclass(frozen=True)
 class CandidateTiming:
@@ -175,6 +241,8 @@ class CandidatePlan:
 
 @dataclass(frozen=True)
 class DroppedCandidate:
+    """A candidate the time budget could not fit, and why."""
+
     name: str
     reason: str
 
@@ -225,6 +293,11 @@ class SplitMetrics:
     sensitivity: float | None = None  # 2-class only: recall of the positive (second) class
     specificity: float | None = None
 
+    def value(self, metric: str) -> float:
+        """``metric`` (accuracy, roc_auc, …) as a number to rank by: undefined counts as the worst."""
+        value = getattr(self, metric)
+        return -math.inf if value is None or math.isnan(value) else float(value)
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -273,11 +346,9 @@ class CandidateEvaluation:
 
 
 @dataclass(frozen=True)
-class EnsembleDecision:
-    """Why the ensemble was or was not chosen: the bootstrap interval of the best two members' difference."""
+class BootstrapComparison:
+    """``leader`` minus ``runner_up`` on ``metric``: the full-set difference and its bootstrap interval."""
 
-    chosen: bool
-    reason: str
     leader: str
     runner_up: str
     metric: str
@@ -286,7 +357,15 @@ class EnsembleDecision:
     high: float
     level: float
     resamples: int
-    cannot_tell: bool
+    cannot_tell: bool  # the interval reaches zero: validation cannot rank the two
+
+
+@dataclass(frozen=True)
+class EnsembleDecision(BootstrapComparison):
+    """Why the ensemble was or was not chosen: the bootstrap comparison of the best two members, and the verdict."""
+
+    chosen: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -311,6 +390,10 @@ class ModelEvaluationArtifact:
     image_size: int = 0  # the size the models were trained and scored at (0: the transformation's)
     ensemble: EnsembleDecision | None = None
     external: dict[str, Any] = field(default_factory=dict)  # uri, class map, counts per class, unreadable files
+
+    def chosen(self) -> CandidateEvaluation:
+        """The chosen candidate's evaluation (``best_candidate``)."""
+        return next(c for c in self.candidates if c.name == self.best_candidate)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The training pipeline: ingestion -> transformation -> trainer -> evaluation -> pusher.
 
-Each stage takes the config and its upstream artifacts and returns a typed
-artifact. A stage whose fingerprint (its config section, upstream
-fingerprints and the code) matches a finished result is reused from the
-cache instead of recomputed, so a run after a failure resumes cheaply.
+One loop over ``STAGES`` (each of the shape xray/stage.py describes): a stage
+gets the config and its upstream artifacts and returns a typed artifact. A
+cached stage whose fingerprint (its config section, upstream fingerprints and
+the code it runs) matches a finished result is reused instead of recomputed,
+so a run after a failure resumes cheaply. The run directory, progress and
+failure handling live here once, for every stage.
 
 Under torchrun (WORLD_SIZE > 1) rank 0 is the run: it creates the one run
 directory, ingests and transforms (or adopts them from the cache), then
@@ -21,39 +23,27 @@ import os
 import signal
 import socket
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xray import distributed
-from xray.components import data_ingestion, data_transformation, model_evaluation, model_trainer
+from xray.components import data_ingestion, data_transformation, model_evaluation, model_pusher, model_trainer
 from xray.config import config_to_dict
 from xray.distributed import DistContext
-from xray.entity.artifact_entity import (
-    DataIngestionArtifact,
-    DataTransformationArtifact,
-    ModelEvaluationArtifact,
-    ModelPusherArtifact,
-    ModelTrainerArtifact,
-)
+from xray.entity.artifact_entity import ModelEvaluationArtifact, ModelPusherArtifact
 from xray.entity.config_entity import PipelineConfig
+from xray.entity.run_summary import RunSummary
 from xray.errors import XrayError
 from xray.keys import load_signing_key
-from xray.operating_point import positive_indices
-from xray.store import (
-    RunDir,
-    adopt_cached_stage,
-    cache_lookup,
-    cache_store,
-    load_typed,
-    stage_code_hash,
-)
+from xray.stage import Inputs, Stage, StageContext
+from xray.store import RunDir, adopt_cached_stage, cache_lookup, cache_store, load_artifact
+from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
 
-# The stages with a fingerprint; each one's covers the code it runs (its module's import closure), not all of xray/.
-_CACHED_STAGES = (data_ingestion, data_transformation, model_trainer, model_evaluation)
+# The stages in the order they run; each has the shape xray/stage.py describes.
+STAGES: tuple[Stage, ...] = (data_ingestion, data_transformation, model_trainer, model_evaluation, model_pusher)
 
 
 @dataclass(frozen=True)
@@ -62,7 +52,7 @@ class RunResult:
     run_path: Path
     status: str  # succeeded | failed; on torchrun ranks other than 0: trained | skipped | failed
     reason: str | None
-    summary: dict[str, Any]
+    summary: RunSummary | None  # None unless the run succeeded (and on ranks other than 0)
     rank: int = 0  # the torchrun rank that returns it; only rank 0 speaks for the run
 
 
@@ -90,6 +80,12 @@ class PlanChannel:
             return
         self.sent = True
         distributed.broadcast_object(self._ctx, plan, "sending the plan", setup=True)
+
+    def announce(self, run: RunDir, config: PipelineConfig, train: bool) -> None:
+        """The trainer stage is decided: the other ranks train with rank 0, or go home when it was cached."""
+        transformation_json = run.path.resolve() / data_transformation.STAGE / "artifact.json"
+        reason = None if train else "the trainer stage was reused from the cache"
+        self.send(TrainPlan(run.run_id, str(run.path.resolve()), config, str(transformation_json), train=train, reason=reason))
 
     def release(self, reason: str, run: RunDir | None = None) -> None:
         run_id, path = (run.run_id, str(run.path.resolve())) if run is not None else (None, None)
@@ -129,16 +125,16 @@ def _run_worker(ctx: DistContext) -> RunResult:
     if not plan.train:
         logger.info("rank %d: nothing to train (%s)", ctx.rank, plan.reason)
         distributed.shutdown()
-        return RunResult(plan.run_id or "", path, "skipped", plan.reason, {}, rank=ctx.rank)
+        return RunResult(plan.run_id or "", path, "skipped", plan.reason, None, rank=ctx.rank)
     assert plan.config is not None and plan.transformation_artifact is not None and plan.run_id is not None
     try:
         model_trainer.train_worker(plan.config, path, Path(plan.transformation_artifact), ctx)
     except Exception as exc:  # noqa: BLE001 - this rank's share failed: say why and exit non-zero
         reason = str(exc) if isinstance(exc, XrayError) else f"internal error: {type(exc).__name__}: {exc}"
         logger.error("rank %d failed: %s\n%s", ctx.rank, reason, traceback.format_exc())
-        return RunResult(plan.run_id, path, "failed", reason, {}, rank=ctx.rank)
+        return RunResult(plan.run_id, path, "failed", reason, None, rank=ctx.rank)
     distributed.shutdown()
-    return RunResult(plan.run_id, path, "trained", None, {}, rank=ctx.rank)
+    return RunResult(plan.run_id, path, "trained", None, None, rank=ctx.rank)
 
 
 def _run(
@@ -158,7 +154,7 @@ def _run(
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupted) if _in_main_thread() else None
     logger.info("run %s started (data: %s)", run.run_id, config.data_uri)
     reason: str | None = None
-    summary: dict[str, Any] = {}
+    summary: RunSummary | None = None
     try:
         summary = _execute(config, run, ctx, channel)
     except (XrayError, RunInterrupted, KeyboardInterrupt) as exc:
@@ -182,7 +178,7 @@ def _run(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if reason is None:
-            run.finish("succeeded", summary=summary)
+            run.finish("succeeded", summary=to_jsonable(summary))
             return RunResult(run.run_id, run.path, "succeeded", None, summary)
         run.finish("failed", reason=reason)
     finally:
@@ -190,138 +186,65 @@ def _run(
             signal.signal(signal.SIGTERM, previous_term)
     if channel is not None:
         channel.release(f"run failed on rank 0: {reason}", run)
-    return RunResult(run.run_id, run.path, "failed", reason, {})
+    return RunResult(run.run_id, run.path, "failed", reason, None)
 
 
 def _execute(
     config: PipelineConfig, run: RunDir, ctx: DistContext | None = None, channel: PlanChannel | None = None
-) -> dict[str, Any]:
-    code = {stage.STAGE: stage_code_hash(stage.__name__) for stage in _CACHED_STAGES}
+) -> RunSummary:
+    """The stages in order, each reused from the cache or run, each recorded in the manifest."""
+    inputs = Inputs(world_size=ctx.world_size if ctx else 1)
+    for stage in STAGES:
+        skipped = _skip_reason(stage, config)
+        if skipped is not None:
+            logger.info("%s: %s; skipping", stage.STAGE, skipped)
+            continue
+        artifact = _stage(stage, config, run, inputs, ctx, channel)
+        inputs = inputs.add(artifact)
+    return RunSummary.of(inputs.get(ModelEvaluationArtifact), inputs.artifacts.get(ModelPusherArtifact))
 
-    def progress(**fields: Any) -> None:
-        run.set_progress(**fields)
 
-    run.start_stage(data_ingestion.STAGE)
-    ingestion = data_ingestion.run(config, run, code[data_ingestion.STAGE])
-    run.finish_stage(data_ingestion.STAGE, ingestion)
-    positive_indices(config.evaluation.operating_point.positive, ingestion.class_names)  # a typo fails now, not after training
+def _skip_reason(stage: Stage, config: PipelineConfig) -> str | None:
+    return "push.enabled is false" if stage is model_pusher and not config.push.enabled else None
 
-    transformation_code = code[data_transformation.STAGE]
-    transformation = _cached_or_run(
-        run, data_transformation.STAGE, DataTransformationArtifact,
-        data_transformation.stage_fingerprint(config, ingestion, transformation_code),
-        lambda: data_transformation.run(config, run, ingestion, transformation_code),
-    )
-    trainer_code = code[model_trainer.STAGE]
-    if ctx is None:
-        trainer = _cached_or_run(
-            run, model_trainer.STAGE, ModelTrainerArtifact,
-            model_trainer.stage_fingerprint(config, transformation, trainer_code),
-            lambda: model_trainer.run(config, run, transformation, trainer_code, progress=progress),
-        )
-    else:
+
+def _stage(
+    stage: Stage, config: PipelineConfig, run: RunDir, inputs: Inputs, dist: DistContext | None, channel: PlanChannel | None
+) -> Any:
+    """One stage: adopt a finished result with the same fingerprint, or compute it (and offer it to the cache)."""
+    fp = stage.fingerprint(config, inputs)
+    distributed_here = dist is not None and stage is model_trainer  # the only stage the other ranks share
+    run.start_stage(stage.STAGE)
+    artifact = _adopt_if_cached(run, stage, fp) if stage.CACHED else None
+    if distributed_here:
         assert channel is not None
-        trainer = _train_distributed(config, run, transformation, trainer_code, progress, ctx, channel)
-    evaluation_code = code[model_evaluation.STAGE]
-    evaluation = _cached_or_run(
-        run, model_evaluation.STAGE, ModelEvaluationArtifact,
-        model_evaluation.stage_fingerprint(config, transformation, trainer, evaluation_code),
-        lambda: model_evaluation.run(config, run, ingestion, transformation, trainer, evaluation_code),
-    )
-    pusher = _push(config, run, ingestion, transformation, evaluation)
-    return summarize(evaluation, pusher)
+        channel.announce(run, config, train=artifact is None)
+    if artifact is not None:
+        return artifact
+    ctx = StageContext(config, run, fp, progress=run.set_progress, dist=dist if distributed_here else None)
+    try:
+        artifact = stage.run(ctx, inputs)
+    except RuntimeError as exc:
+        if not distributed_here:
+            raise
+        assert dist is not None
+        raise distributed.failure(dist, "training", exc) from exc  # a collective failed: a peer rank died, hung or raised
+    run.finish_stage(stage.STAGE, artifact)
+    if stage.CACHED:
+        cache_store(run.root, stage.STAGE, fp, run.run_id)
+    return artifact
 
 
-def _train_distributed(
-    config: PipelineConfig,
-    run: RunDir,
-    transformation: DataTransformationArtifact,
-    code: str,
-    progress: Callable[..., None],
-    ctx: DistContext,
-    channel: PlanChannel,
-) -> ModelTrainerArtifact:
-    """Rank 0's trainer stage: one cache lookup decides whether the other ranks train or go home."""
-    stage = model_trainer.STAGE
-    fp = model_trainer.stage_fingerprint(config, transformation, code, ctx.world_size)
-    run.start_stage(stage)
-    cached = _adopt_if_cached(run, stage, ModelTrainerArtifact, fp)
-    transformation_json = run.path.resolve() / data_transformation.STAGE / "artifact.json"
-    channel.send(TrainPlan(
-        run.run_id, str(run.path.resolve()), config, str(transformation_json),
-        train=cached is None, reason=None if cached is None else "the trainer stage was reused from the cache",
-    ))
-    if cached is not None:
-        return cached
-
-    def train() -> ModelTrainerArtifact:
-        try:
-            return model_trainer.run(config, run, transformation, code, progress=progress, dist=ctx)
-        except RuntimeError as exc:  # a collective failed: a peer rank died, hung or raised
-            raise distributed.failure(ctx, "training", exc) from exc
-
-    return _compute_stage(run, stage, fp, train)
-
-
-def _cached_or_run(run: RunDir, stage: str, cls: type, fp: str, compute: Callable[[], Any]) -> Any:
-    run.start_stage(stage)
-    artifact = _adopt_if_cached(run, stage, cls, fp)
-    return artifact if artifact is not None else _compute_stage(run, stage, fp, compute)
-
-
-def _adopt_if_cached(run: RunDir, stage: str, cls: type, fp: str) -> Any | None:
-    hit = cache_lookup(run.root, stage, fp)
+def _adopt_if_cached(run: RunDir, stage: Stage, fp: str) -> Any | None:
+    hit = cache_lookup(run.root, stage.STAGE, fp)
     if hit is None:
         return None
     source_run, _ = hit
-    adopt_cached_stage(run, stage, source_run)
-    artifact = load_typed(cls, run.path / stage / "artifact.json")
-    logger.info("%s: reused from run %s (fingerprint %s), not recomputed", stage, source_run, fp[:12])
-    run.finish_stage(stage, artifact, cached_from=source_run)
+    adopt_cached_stage(run, stage.STAGE, source_run)
+    artifact = load_artifact(run.path / stage.STAGE / "artifact.json")
+    logger.info("%s: reused from run %s (fingerprint %s), not recomputed", stage.STAGE, source_run, fp[:12])
+    run.finish_stage(stage.STAGE, artifact, cached_from=source_run)
     return artifact
-
-
-def _compute_stage(run: RunDir, stage: str, fp: str, compute: Callable[[], Any]) -> Any:
-    artifact = compute()
-    run.finish_stage(stage, artifact)
-    cache_store(run.root, stage, fp, run.run_id)
-    return artifact
-
-
-def _push(
-    config: PipelineConfig,
-    run: RunDir,
-    ingestion: DataIngestionArtifact,
-    transformation: DataTransformationArtifact,
-    evaluation: ModelEvaluationArtifact,
-) -> ModelPusherArtifact | None:
-    if not config.push.enabled:
-        logger.info("model_pusher: push.enabled is false; skipping")
-        return None
-    from xray.components import model_pusher
-
-    run.start_stage(model_pusher.STAGE)
-    artifact = model_pusher.run(config, run, ingestion, transformation, evaluation)
-    run.finish_stage(model_pusher.STAGE, artifact)
-    return artifact
-
-
-def summarize(evaluation: ModelEvaluationArtifact, pusher: ModelPusherArtifact | None) -> dict[str, Any]:
-    return {
-        "best_candidate": evaluation.best_candidate,
-        "selection_metric": evaluation.selection_metric,
-        "selection_basis": evaluation.selection_basis,
-        "candidates": {
-            c.name: {
-                "validation": {"accuracy": c.validation.accuracy, "roc_auc": c.validation.roc_auc},
-                "test": {"accuracy": c.test.accuracy, "roc_auc": c.test.roc_auc},
-            }
-            for c in evaluation.candidates
-        },
-        "pushed": None if pusher is None else pusher.pushed,
-        "model_tag": None if pusher is None else pusher.model_tag,
-        "push_reasons": [] if pusher is None else list(pusher.reasons),
-    }
 
 
 def _attach_run_log(run: RunDir) -> logging.Handler:

@@ -29,14 +29,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from xray.components.model_trainer import FitResult, ProgressFn, TrainingData, fit
 from xray.distributed import DistContext
 from xray.entity.artifact_entity import FoldScore
 from xray.entity.config_entity import TrainerConfig
 from xray.errors import DataError
-from xray.inference import choose_device, predict_proba, prepare_model
+from xray.inference import predict_proba, prepare_model
 from xray.metrics import compute_metrics
 from xray.models import build_model
+from xray.training.fit import FitResult, ProgressFn, TrainingData, fit
+from xray.training.ranks import Ranks
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,8 @@ def cross_validate(
     dist: DistContext | None = None,
 ) -> CandidateCV:
     """K fits on the folds, then the final model; every rank of a DDP job calls this identically."""
-    lead = dist is None or dist.is_lead
+    ranks = Ranks(dist)
     started = time.perf_counter()
-    higher_is_better = cfg.monitor != "loss"
     scores: list[float] = []
     best_epochs: list[int] = []
     fold_scores: list[FoldScore] = []
@@ -125,35 +125,26 @@ def cross_validate(
             data,
             train_x=plan.x[train_rows], train_y=plan.y[train_rows], val_x=plan.x[held_rows], val_y=plan.y[held_rows],
         )
-        if lead:
-            logger.info("%s fold %d/%d: training on %d images, validating on %d", name, i, plan.k, len(train_rows), len(held_rows))
+        ranks.log("%s fold %d/%d: training on %d images, validating on %d", name, i, plan.k, len(train_rows), len(held_rows))
         report = None if progress is None else functools.partial(progress, fold=i, folds=plan.k)
         result = fit(name, fold, cfg, progress=report, dist=dist)
         scores.append(result.best_score)
         best_epochs.append(result.best_epoch)
-        if lead:
-            fold_scores.append(_score_fold(name, result, fold, i, dist))
-        if best is None or _better(result.best_score, best[1].best_score, higher_is_better):
+        if ranks.is_lead:
+            fold_scores.append(_score_fold(name, result, fold, i, ranks))
+        if best is None or _better(result.best_score, best[1].best_score, cfg.monitor != "loss"):
             best = (i, result)
         else:
             del result  # keep one fold's weights in memory, not K
     assert best is not None
-    if lead:
-        logger.info(
-            "%s: %d-fold %s %.4f ± %.4f (best epochs %s)", name, plan.k, cfg.monitor,
-            float(np.mean(scores)), float(np.std(scores)), best_epochs,
-        )
-    epochs = None
+    ranks.log(
+        "%s: %d-fold %s %.4f ± %.4f (best epochs %s)", name, plan.k, cfg.monitor,
+        float(np.mean(scores)), float(np.std(scores)), best_epochs,
+    )
+    epochs, final = None, best[1]
     if cfg.cv_final_model == "retrain":
         epochs = retrain_epochs(best_epochs, max(cfg.epochs, *best_epochs))  # min_steps may have stretched them
-        pool = dataclasses.replace(data, train_x=plan.x, train_y=plan.y, val_x=plan.x[:0], val_y=plan.y[:0])
-        if lead:
-            logger.info("%s: retraining on all %d train+val images for %d epochs", name, len(plan.y), epochs)
-        report = None if progress is None else functools.partial(progress, fold="final", folds=plan.k)
-        final = fit(name, pool, dataclasses.replace(cfg, epochs=epochs, early_stopping_patience=0, min_steps=0), progress=report, dist=dist)
-        final = dataclasses.replace(final, best_score=float(np.mean(scores)))  # nothing held out: the CV mean stands in
-    else:
-        final = best[1]
+        final = _retrain(name, data, plan, cfg, epochs, float(np.mean(scores)), progress, ranks)
     return CandidateCV(
         folds=tuple(fold_scores),
         scores=tuple(round(float(s), 6) for s in scores),
@@ -164,6 +155,19 @@ def cross_validate(
     )
 
 
+def _retrain(
+    name: str, data: TrainingData, plan: FoldPlan, cfg: TrainerConfig, epochs: int, cv_mean: float,
+    progress: ProgressFn | None, ranks: Ranks,
+) -> FitResult:
+    """The final model on the whole pool for ``epochs``; nothing is held out, so the CV mean stands in as its score."""
+    pool = dataclasses.replace(data, train_x=plan.x, train_y=plan.y, val_x=plan.x[:0], val_y=plan.y[:0])
+    ranks.log("%s: retraining on all %d train+val images for %d epochs", name, len(plan.y), epochs)
+    report = None if progress is None else functools.partial(progress, fold="final", folds=plan.k)
+    schedule = dataclasses.replace(cfg, epochs=epochs, early_stopping_patience=0, min_steps=0)
+    final = fit(name, pool, schedule, progress=report, dist=ranks.dist)
+    return dataclasses.replace(final, best_score=cv_mean)
+
+
 def _better(score: float, incumbent: float, higher_is_better: bool) -> bool:
     if math.isnan(score):
         return False
@@ -172,9 +176,9 @@ def _better(score: float, incumbent: float, higher_is_better: bool) -> bool:
     return score > incumbent if higher_is_better else score < incumbent
 
 
-def _score_fold(name: str, result: FitResult, fold: TrainingData, index: int, dist: DistContext | None) -> FoldScore:
+def _score_fold(name: str, result: FitResult, fold: TrainingData, index: int, ranks: Ranks) -> FoldScore:
     """The fold's best checkpoint on its held-out part, with evaluation's metrics (fp32, like evaluation)."""
-    device = dist.device if dist is not None else choose_device()
+    device = ranks.device()
     model = build_model(name, len(fold.class_names))
     model.load_state_dict(result.state_dict)
     model = prepare_model(model, device)
