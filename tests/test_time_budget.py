@@ -21,6 +21,7 @@ from xray.training.budget import (
     allocate_epochs,
     candidate_deadline,
     effective_budget,
+    forward_flops_ratio,
     plan_training,
     planned_schedule,
 )
@@ -191,3 +192,17 @@ def test_a_small_dataset_gets_a_budget_in_proportion_to_its_images() -> None:
     assert effective_budget(900.0, 1.0, 20) == MIN_SCALED_BUDGET_S  # never below a minute
     assert effective_budget(30.0, 1.0, 20) == 30.0  # ... unless time_budget itself is shorter
     assert effective_budget(900.0, 0.0, 132) == 900.0  # 0: off
+
+
+def test_a_scaled_estimate_follows_the_models_own_cost_not_the_pixel_count() -> None:
+    # simple_cnn strides its first convolution only above 64 px: at 64 px it costs more than at 96.
+    assert forward_flops_ratio("simple_cnn", 3, 96, 64) > 1.5
+    assert forward_flops_ratio("densenet121", 3, 96, 64) == pytest.approx((64 / 96) ** 2, rel=0.01)
+    plan = plan_training(
+        ["simple_cnn"], wanted_epochs=100, image_size=128, steps_per_epoch=3, budget_s=1e-9,
+        measure=lambda name, size: timing(name, size, 4.0), remaining_s=lambda: 20.0,
+        cost_ratio=lambda name, measured, size: 2.0,  # each smaller size costs twice as much
+    )
+    # 4 s per epoch gives 5 epochs < floor: shrink to 96 (8 s), then to 64 (16 s), then nothing is left to cut.
+    assert [t.seconds_per_epoch for t in plan.timings] == [4.0, 8.0, 16.0]
+    assert plan.image_size == 64 and plan.candidates[0].planned_epochs == 1
