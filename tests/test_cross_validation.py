@@ -122,14 +122,19 @@ def tiny_data(per_class: int = 6, classes: int = 3, size: int = 16) -> TrainingD
     )
 
 
-def test_best_fold_keeps_the_best_folds_model() -> None:
+@pytest.mark.parametrize("monitor, pick", [("roc_auc", max), ("auto", min)])  # auto on 6 held-out images: the loss
+def test_best_fold_keeps_the_best_folds_model(monitor: str, pick) -> None:
     data = tiny_data()
-    cfg = TrainerConfig(candidates=("simple_cnn",), epochs=1, batch_size=8, cv_folds=2, cv_final_model="best_fold", precision="fp32")
+    cfg = TrainerConfig(
+        candidates=("simple_cnn",), epochs=1, batch_size=8, cv_folds=2, cv_final_model="best_fold", precision="fp32",
+        monitor=monitor,
+    )
     plan = cross_validation.plan_folds(data, 2, cfg.seed)
     cv = cross_validation.cross_validate("simple_cnn", data, plan, cfg)
+    assert cv.monitor == ("roc_auc" if monitor == "roc_auc" else "loss")
     assert cv.retrain_epochs is None
-    assert cv.best_fold == int(np.argmax(cv.scores)) + 1
-    assert cv.final.best_score == pytest.approx(max(cv.scores), abs=1e-6)
+    assert cv.best_fold == cv.scores.index(pick(cv.scores)) + 1
+    assert cv.final.best_score == pytest.approx(pick(cv.scores), abs=1e-6)
     assert cv.final.state_dict, "rank 0 keeps the weights it saves"
     assert sorted(np.concatenate([held for _, held in plan.folds]).tolist()) == list(range(len(plan.y)))
 

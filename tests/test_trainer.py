@@ -7,7 +7,15 @@ import dataclasses
 import numpy as np
 import pytest
 
-from xray.training.fit import TrainingData, ema_decay, fit, stretch_schedule
+from xray.training.fit import (
+    AUC_MONITOR_MIN_PER_CLASS,
+    TrainingData,
+    ema_decay,
+    fit,
+    resolve_monitor,
+    small_data_batch,
+    stretch_schedule,
+)
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
 from xray.preprocessing import Preprocessing
 
@@ -51,11 +59,41 @@ def test_fit_runs_the_stretched_schedule_and_breaks_auc_ties_by_loss() -> None:
         train_x, train_y, val_x, val_y, ("left", "right"),
         Preprocessing(image_size=16, mean=0.5, std=0.25), AugmentConfig(hflip=False, rotation_degrees=0),
     )
-    cfg = dataclasses.replace(FAST, epochs=2, min_steps=10, precision="fp32")
+    cfg = dataclasses.replace(FAST, epochs=2, min_steps=10, precision="fp32", monitor="roc_auc")
     result = fit("simple_cnn", data, cfg)
+    assert result.monitor == "roc_auc"
     assert len(result.history) == 5, "2 steps per epoch: 5 epochs reach min_steps=10"
     aucs = [h.val_roc_auc for h in result.history]
     top = max(aucs)
     tied = [h for h in result.history if h.val_roc_auc == top]
     assert len(tied) >= 2, f"the rule under test needs a tie: {aucs}"
     assert result.best_epoch == min(tied, key=lambda h: h.val_loss).epoch
+
+
+def test_auto_monitor_watches_the_loss_where_validation_is_too_small_for_auc() -> None:
+    enough = np.repeat([0, 1, 2], AUC_MONITOR_MIN_PER_CLASS)
+    assert resolve_monitor("auto", enough, 3) == "roc_auc"
+    assert resolve_monitor("auto", enough[1:], 3) == "loss"  # one class one short
+    assert resolve_monitor("auto", np.repeat([0, 1], 400), 3) == "loss"  # a class missing from validation
+    assert resolve_monitor("accuracy", enough[:3], 3) == "accuracy"  # an explicit setting is kept
+    train_x, train_y = separable(16, 0)
+    val_x, val_y = separable(12, 1)
+    data = TrainingData(
+        train_x, train_y, val_x, val_y, ("left", "right"),
+        Preprocessing(image_size=16, mean=0.5, std=0.25), AugmentConfig(hflip=False, rotation_degrees=0),
+    )
+    result = fit("simple_cnn", data, dataclasses.replace(FAST, epochs=4, precision="fp32", monitor="auto"))
+    assert result.monitor == "loss"
+    assert result.best_epoch == min(result.history, key=lambda h: h.val_loss).epoch
+    assert result.best_score == pytest.approx(min(h.val_loss for h in result.history), abs=1e-5)
+
+
+def test_a_small_dataset_trains_at_a_smaller_batch_with_a_scaled_learning_rate() -> None:
+    cfg = dataclasses.replace(FAST, batch_size=64, learning_rate=2e-3, min_steps_per_epoch=8)
+    covid = small_data_batch(cfg, 132)  # 132 / 64 = 2 steps; / 32 = 4; / 16 = 8.25 >= 8
+    assert (covid.batch_size, covid.learning_rate) == (16, pytest.approx(1e-3))
+    assert small_data_batch(cfg, 4001) == cfg  # PneumoniaMNIST: 62 steps an epoch already
+    assert small_data_batch(cfg, 300).batch_size == 32  # 300 / 32 = 9.4 steps
+    assert small_data_batch(cfg, 40).batch_size == 16  # never below the smallest batch, however few images
+    off = dataclasses.replace(cfg, min_steps_per_epoch=0)
+    assert small_data_batch(off, 132) == off  # 0: off

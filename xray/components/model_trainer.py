@@ -30,7 +30,7 @@ from xray.store import fingerprint as fingerprint_of, load_typed, new_header, st
 from xray.training import cross_validation
 from xray.training.budget import at_size, candidate_deadline, make_plan, planned_schedule
 from xray.training.cross_validation import CandidateCV, FoldPlan
-from xray.training.fit import FitResult, TrainingData, fit
+from xray.training.fit import FitResult, TrainingData, fit, small_data_batch
 from xray.training.ranks import Ranks
 from xray.typed import from_mapping, to_jsonable
 
@@ -42,8 +42,10 @@ CACHED = True
 
 @dataclass(frozen=True)
 class _Training:
-    """What every rank prepares before fitting: the arrays (at the planned size), the folds and the plan."""
+    """What every rank prepares before fitting: the config for this data, the arrays (at the planned size),
+    the folds and the plan."""
 
+    cfg: TrainerConfig  # trainer.* with the batch fitted to the dataset (small_data_batch)
     data: TrainingData
     folds: FoldPlan | None
     plan: TrainingPlan | None
@@ -73,14 +75,15 @@ def load_training_data(run_path: Path, transformation: DataTransformationArtifac
 
 def run(ctx: StageContext, inputs: Inputs) -> ModelTrainerArtifact:
     """Train every candidate and write the artifact: the single process, or rank 0 of a distributed job."""
-    cfg, run_dir = ctx.config.trainer, ctx.run
+    run_dir = ctx.run
     transformation = inputs.get(DataTransformationArtifact)
     ranks = Ranks(ctx.dist)
-    training = _prepare(cfg, lambda: load_training_data(run_dir.path, transformation), run_dir.path, ranks)
+    training = _prepare(ctx.config.trainer, lambda: load_training_data(run_dir.path, transformation), run_dir.path, ranks)
+    cfg = training.cfg
     out = run_dir.stage_dir(STAGE)
     candidates, files = [], []
     cv_results: dict[str, CandidateCV] = {}
-    for name, result, cv in _train_each(cfg, training, ctx.progress, ranks):
+    for name, result, cv in _train_each(training, ctx.progress, ranks):
         checkpoint = out / f"{name}.pt"
         torch.save(result.state_dict, checkpoint)
         files.append(checkpoint)
@@ -112,23 +115,29 @@ def train_worker(config: PipelineConfig, run_path: Path, transformation_json: Pa
         return load_training_data(run_path, load_typed(DataTransformationArtifact, transformation_json))
 
     ranks = Ranks(dist)
-    for _ in _train_each(config.trainer, _prepare(config.trainer, load, run_path, ranks), None, ranks):
+    for _ in _train_each(_prepare(config.trainer, load, run_path, ranks), None, ranks):
         pass
 
 
 def _prepare(cfg: TrainerConfig, load, run_path: Path, ranks: Ranks) -> _Training:
-    started = time.monotonic()
+    started, config_batch = time.monotonic(), cfg.batch_size
     data = ranks.load_everywhere(load, run_path)
+    cfg = small_data_batch(cfg, len(data.train_y))
+    if cfg.batch_size != config_batch:
+        ranks.log(
+            "%d training images: batch %d (not %d) at learning rate %.2g, for %d steps an epoch",
+            len(data.train_y), cfg.batch_size, config_batch, cfg.learning_rate, cfg.min_steps_per_epoch,
+        )
     folds = cross_validation.plan_folds(data, cfg.cv_folds, cfg.seed) if cfg.cv_folds >= 2 else None
     plan, deadline = make_plan(cfg, data, folds is not None, ranks, started)
-    return _Training(at_size(data, plan.image_size) if plan else data, folds, plan, deadline)
+    return _Training(cfg, at_size(data, plan.image_size) if plan else data, folds, plan, deadline)
 
 
 def _train_each(
-    cfg: TrainerConfig, training: _Training, progress: ProgressFn | None, ranks: Ranks
+    training: _Training, progress: ProgressFn | None, ranks: Ranks
 ) -> Iterator[tuple[str, FitResult, CandidateCV | None]]:
     """Each candidate's final fit (and its cross-validation), one at a time, so rank 0 saves as it goes."""
-    data, plan = training.data, training.plan
+    cfg, data, plan = training.cfg, training.data, training.plan
     planned = {c.name: c.planned_epochs for c in plan.candidates} if plan else {name: 0 for name in cfg.candidates}
     for name, epochs in planned.items():
         cand_cfg = planned_schedule(cfg, plan.steps_per_epoch, epochs) if plan else cfg
@@ -150,7 +159,7 @@ def _record(
         checkpoint=checkpoint,
         history=result.history,
         best_epoch=result.best_epoch,
-        monitor=cfg.monitor,
+        monitor=result.monitor,
         best_score=result.best_score,
         parameters=count_parameters(build_model(name, num_classes)),
         train_seconds=round(result.train_seconds, 2),
@@ -164,4 +173,6 @@ def _record(
         cv_final_model=cfg.cv_final_model if cv else None,
         cv_retrain_epochs=cv.retrain_epochs if cv else None,
         stopped_by_budget=result.stopped_by_budget,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
     )

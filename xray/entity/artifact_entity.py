@@ -210,6 +210,8 @@ class CandidateModel:
     cv_final_model: str | None = None  # retrain | best_fold, when cross-validated
     cv_retrain_epochs: int | None = None  # epochs of the retrain on train+val (mean best epoch over folds)
     stopped_by_budget: bool = False  # the wall-clock guard ended it: the next epoch would have overrun trainer.time_budget
+    batch_size: int = 0  # what it trained with: trainer.batch_size, halved for a small dataset (min_steps_per_epoch)
+    learning_rate: float = 0.0  # likewise (scaled with the batch by its square root)
 
     def load(self, run_path: Path, num_classes: int) -> nn.Module:
         """The best checkpoint in its architecture, on CPU, in eval mode."""

@@ -71,7 +71,8 @@ class TrainerConfig:
     ema_epochs: float = 0.0  # > 0: validate and keep a moving average of the weights over about this many epochs
     early_stopping_patience: int = 10
     min_steps: int = 0  # small datasets: stretch epochs (and warmup, patience) to at least this many optimizer steps
-    monitor: str = "roc_auc"  # validation metric for early stopping and the best checkpoint
+    min_steps_per_epoch: int = 0  # > 0: small datasets halve the batch (not below 16) until an epoch has this many steps
+    monitor: str = "auto"  # validation metric for early stopping and the best checkpoint; auto: loss on a small validation set
     class_weighting: str = "sqrt"  # sqrt | balanced | none: inverse-frequency loss weights
     weights: str = "none"  # none | imagenet | path to a torchvision state_dict
     precision: str = "auto"  # auto | bf16 | fp32

@@ -67,6 +67,7 @@ class CandidateCV:
     best_fold: int
     retrain_epochs: int | None
     seconds: float
+    monitor: str  # the metric each fold's best epoch was chosen on (trainer.monitor, auto resolved)
 
 
 def plan_folds(data: TrainingData, k: int, seed: int) -> FoldPlan:
@@ -129,16 +130,17 @@ def cross_validate(
         report = None if progress is None else functools.partial(progress, fold=i, folds=plan.k)
         result = fit(name, fold, cfg, progress=report, dist=dist)
         scores.append(result.best_score)
+        monitor = result.monitor
         best_epochs.append(result.best_epoch)
         if ranks.is_lead:
             fold_scores.append(_score_fold(name, result, fold, i, ranks))
-        if best is None or _better(result.best_score, best[1].best_score, cfg.monitor != "loss"):
+        if best is None or _better(result.best_score, best[1].best_score, result.monitor != "loss"):
             best = (i, result)
         else:
             del result  # keep one fold's weights in memory, not K
     assert best is not None
     ranks.log(
-        "%s: %d-fold %s %.4f ± %.4f (best epochs %s)", name, plan.k, cfg.monitor,
+        "%s: %d-fold %s %.4f ± %.4f (best epochs %s)", name, plan.k, monitor,
         float(np.mean(scores)), float(np.std(scores)), best_epochs,
     )
     epochs, final = None, best[1]
@@ -152,6 +154,7 @@ def cross_validate(
         best_fold=best[0],
         retrain_epochs=epochs,
         seconds=time.perf_counter() - started,
+        monitor=monitor,
     )
 
 
@@ -223,12 +226,13 @@ def write_summary(plan: FoldPlan, results: dict[str, CandidateCV], cfg: TrainerC
         "folds": plan.k,
         "strategy": f"StratifiedKFold(n_splits={plan.k}, shuffle=True, random_state={plan.seed}) on train+val",
         "pool": {"train": int((plan.origin_split == "train").sum()), "val": int((plan.origin_split == "val").sum())},
-        "monitor": cfg.monitor,
+        "monitor": cfg.monitor,  # the setting; each candidate's entry names the metric it resolved to
         "final_model": cfg.cv_final_model,
         "std": "population (ddof=0)",
         "candidates": {
             name: {
                 "folds": to_jsonable(cv.folds),
+                "monitor": cv.monitor,
                 "monitor_scores": list(cv.scores),
                 **summarize(cv.folds),
                 "best_fold": cv.best_fold,
