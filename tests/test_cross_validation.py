@@ -9,7 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from xray.components.model_pusher import model_spec
+from xray.inference import predict_proba
+from xray.models import Ensemble
+from xray.serving_model import load_model_dir, write_model_dir
 from xray.training import cross_validation
 from xray.components.model_evaluation import choose_best, cross_validation_stats
 from xray.training.fit import TrainingData
@@ -50,7 +55,7 @@ def test_fold_summary_has_k_rows_and_consistent_mean_and_std(cv_run: tuple[Path,
     assert Counter(r["candidate"] for r in rows) == {"simple_cnn": K}
     assert [int(r["fold"]) for r in rows] == list(range(1, K + 1))
     summary = json.loads((run_dir / trainer.cross_validation["summary_json"]).read_text())
-    assert summary["folds"] == K and summary["final_model"] == "retrain"
+    assert summary["folds"] == K and summary["final_model"] == "ensemble"
     stats = summary["candidates"]["simple_cnn"]
     for metric in ("accuracy", "roc_auc", "macro_f1", "loss"):
         values = [float(r[metric]) for r in rows]
@@ -59,10 +64,7 @@ def test_fold_summary_has_k_rows_and_consistent_mean_and_std(cv_run: tuple[Path,
     candidate = trainer.candidates[0]
     assert [f.fold for f in candidate.cv_fold_metrics] == list(range(1, K + 1))
     assert len(candidate.cv_scores) == K
-    assert candidate.cv_final_model == "retrain"
-    assert candidate.cv_retrain_epochs == stats["retrain_epochs"]
-    assert candidate.cv_retrain_epochs == cross_validation.retrain_epochs([f.best_epoch for f in candidate.cv_fold_metrics], 2)
-    assert len(candidate.history) == candidate.cv_retrain_epochs  # the final model: retrained for that many epochs
+    assert candidate.cv_final_model == "ensemble" and candidate.cv_retrain_epochs is None is stats["retrain_epochs"]
     recorded = {f.path for f in trainer.header.files}
     assert set(trainer.cross_validation.values()) <= recorded, "fold files are hashed in the trainer artifact"
     verify = run_cli("runs", "--artifacts", str(artifacts), "verify", run_id)
@@ -166,3 +168,39 @@ def test_cv_stats_need_every_candidate_cross_validated(cv_run: tuple[Path, str])
         type(trainer.candidates[0])(**{**trainer.candidates[0].__dict__, "cv_fold_metrics": ()}),
     ))
     assert cross_validation_stats(plain, "roc_auc") == {}
+
+
+def test_the_final_model_is_the_k_fold_bag_and_serves_as_one(cv_run: tuple[Path, str], tmp_path: Path) -> None:
+    artifacts, run_id = cv_run
+    manifest = load_manifest(artifacts, run_id)
+    ingestion = load_stage_artifact(artifacts, manifest, "data_ingestion")
+    transformation = load_stage_artifact(artifacts, manifest, "data_transformation")
+    trainer = load_stage_artifact(artifacts, manifest, "model_trainer")
+    evaluation = load_stage_artifact(artifacts, manifest, "model_evaluation")
+    run_dir = artifacts / run_id
+    (candidate,) = trainer.candidates
+    assert candidate.members == ("simple_cnn",) * K
+    bag = candidate.load(run_dir, len(transformation.class_names))
+    assert isinstance(bag, Ensemble) and len(bag.members) == K
+    weights = [next(iter(m.state_dict().values())) for m in bag.members]
+    assert not torch.equal(weights[0], weights[1]), "each fold trained its own model"
+    assert evaluation.chosen().members == ("simple_cnn",) * K
+    spec = model_spec(run_id, ingestion, transformation, evaluation, run_dir / evaluation.best_checkpoint)
+    (tmp_path / "model").mkdir()
+    write_model_dir(tmp_path / "model", spec, run_dir / evaluation.best_checkpoint)
+    served = load_model_dir(tmp_path / "model", "fp32")
+    pixels = transformation.load_array(run_dir, "val_x")[:8]
+    preprocessing = transformation.preprocessing(evaluation.image_size)
+    mean_of_folds = np.mean([predict_proba(m, pixels, preprocessing, torch.device("cpu"), tta=spec.tta) for m in bag.members], axis=0)
+    assert served.predict_proba(pixels) == pytest.approx(mean_of_folds, abs=1e-5)
+
+
+def test_retrain_fits_the_whole_pool_for_the_mean_best_epoch() -> None:
+    data = tiny_data()
+    cfg = TrainerConfig(candidates=("simple_cnn",), epochs=3, batch_size=8, cv_folds=2, cv_final_model="retrain", precision="fp32")
+    plan = cross_validation.plan_folds(data, 2, cfg.seed)
+    cv = cross_validation.cross_validate("simple_cnn", data, plan, cfg)
+    best_epochs = [f.best_epoch for f in cv.folds]
+    assert cv.retrain_epochs == cross_validation.retrain_epochs(best_epochs, 3)
+    assert len(cv.final.history) == cv.retrain_epochs  # retrained for that many epochs, nothing held out
+    assert cv.final.best_score == pytest.approx(float(np.mean(cv.scores)), abs=1e-6)

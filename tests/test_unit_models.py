@@ -11,7 +11,17 @@ from torchvision import models as tv_models
 
 from xray.entity.config_entity import CANDIDATES
 from xray.errors import ConfigError
-from xray.models import SimpleCNN, build_model, count_parameters, gradcam_target_layers, load_checkpoint
+from xray.models import (
+    Ensemble,
+    SimpleCNN,
+    build_ensemble,
+    build_model,
+    count_parameters,
+    ensemble_state_dict,
+    flat_ensemble,
+    gradcam_target_layers,
+    load_checkpoint,
+)
 
 DENSENETS = [name for name in CANDIDATES if name != "simple_cnn"]
 
@@ -114,3 +124,24 @@ def test_simple_cnn_strides_its_first_conv_only_on_full_size_inputs() -> None:
         assert first_block(torch.zeros(1, 1, 64, 64)).shape[-1] == 32  # MedMNIST size: full resolution, then pooled
         assert first_block(torch.zeros(1, 1, 128, 128)).shape[-1] == 32  # full-size: strided, then pooled
         assert model(torch.zeros(2, 1, 128, 128)).shape == (2, 3)
+
+
+def test_k_fold_bags_join_the_candidates_ensemble_as_their_members() -> None:
+    torch.manual_seed(0)
+    folds = [SimpleCNN(3).eval() for _ in range(2)]
+    bag = build_ensemble(("simple_cnn", "simple_cnn"), 3).eval()
+    bag.load_state_dict(ensemble_state_dict([f.state_dict() for f in folds]))
+    other_folds = [SimpleCNN(3).eval() for _ in range(2)]
+    other = Ensemble(other_folds, ("simple_cnn", "simple_cnn")).eval()
+    joined = flat_ensemble([bag, other], ("a", "b"))
+    assert joined.names == ("simple_cnn",) * 4 and len(joined.members) == 4
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        by_fold = torch.stack([torch.softmax(m(x), 1) for m in folds + other_folds]).mean(0)
+        mean_of_bags = (torch.softmax(bag(x), 1) + torch.softmax(other(x), 1)) / 2
+        assert torch.allclose(torch.softmax(bag(x), 1), torch.stack([torch.softmax(f(x), 1) for f in folds]).mean(0), atol=1e-6)
+        assert torch.allclose(torch.softmax(joined(x), 1), by_fold, atol=1e-6)
+        assert torch.allclose(torch.softmax(joined(x), 1), mean_of_bags, atol=1e-6)  # equal bags: the mean of their means
+    restored = build_ensemble(joined.names, 3).eval()
+    restored.load_state_dict(joined.state_dict())  # a flat list of architectures is enough to rebuild it
+    assert len(gradcam_target_layers(joined)) == 4

@@ -24,7 +24,7 @@ _CHOICES = {
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.class_weighting": ("sqrt", "balanced", "none"),
     "trainer.monitor": ("auto", "roc_auc", "accuracy", "loss"),
-    "trainer.cv_final_model": ("retrain", "best_fold"),
+    "trainer.cv_final_model": ("ensemble", "retrain", "best_fold"),
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),
     "evaluation.ensemble": ("auto", "always", "off"),
     "evaluation.tta": ("auto", "on", "off"),

@@ -98,6 +98,26 @@ class Ensemble(nn.Module):
 ENSEMBLE = "ensemble"
 
 
+def ensemble_state_dict(member_states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The state_dict of an ``Ensemble`` whose members hold these weights, in this order."""
+    return {f"members.{i}.{key}": value for i, state in enumerate(member_states) for key, value in state.items()}
+
+
+def flat_ensemble(models: list[nn.Module], names: tuple[str, ...]) -> Ensemble:
+    """An ensemble of models some of which may be ensembles (k-fold bags): their members are taken in.
+
+    With bags of equal size the flat mean is the mean of the bags' means, and a
+    flat list of architectures is what a ModelSpec's ``members`` can name.
+    """
+    members: list[nn.Module] = []
+    member_names: list[str] = []
+    for model, name in zip(models, names):
+        inner = list(model.members) if isinstance(model, Ensemble) else [model]
+        members += inner
+        member_names += list(model.names) if isinstance(model, Ensemble) else [name]
+    return Ensemble(members, tuple(member_names))
+
+
 def build_ensemble(members: tuple[str, ...], num_classes: int, in_channels: int = 1) -> Ensemble:
     return Ensemble([build_model(m, num_classes, in_channels) for m in members], members)
 

@@ -91,7 +91,7 @@ def read_spec(path: Path) -> ModelSpec:
 
 def build_for_spec(spec: ModelSpec) -> nn.Module:
     """An untrained model of the spec's shape: one architecture, or an ensemble of its members."""
-    if spec.architecture == ENSEMBLE:
+    if spec.members:  # the candidates' ensemble, or one candidate's k-fold bag
         return build_ensemble(spec.members, len(spec.class_names), spec.preprocessing.channels)
     return build_model(spec.architecture, len(spec.class_names), spec.preprocessing.channels)
 

@@ -35,7 +35,7 @@ from xray import selection
 from xray.external import ExternalSet, load_external
 from xray.inference import TTA_VIEWS, choose_device, predict_proba, prepare_model
 from xray.metrics import compute_metrics
-from xray.models import ENSEMBLE, Ensemble
+from xray.models import ENSEMBLE, flat_ensemble
 from xray.operating_point import operating_point, positive_indices
 from xray.preprocessing import Preprocessing, resize_batch
 from xray.stage import Inputs, StageContext
@@ -111,10 +111,11 @@ def _score_models(
     models: dict[str, nn.Module] = {}
     for candidate in trainer.candidates:
         models[candidate.name] = prepare_model(candidate.load(run_dir.path, len(scorer.classes)), scorer.device)
-        scorer.add(candidate.name, models[candidate.name], candidate.checkpoint)
+        scorer.add(candidate.name, models[candidate.name], candidate.checkpoint, members=candidate.members)
     if cfg.ensemble != "off" and len(trainer.candidates) >= 2:
-        names = tuple(c.name for c in trainer.candidates)
-        ensemble = Ensemble([models[n] for n in names], names)
+        candidates = tuple(c.name for c in trainer.candidates)
+        ensemble = flat_ensemble([models[n] for n in candidates], candidates)
+        names = ensemble.names
         checkpoint = out / f"{ENSEMBLE}.pt"
         torch.save({k: v.detach().cpu() for k, v in ensemble.state_dict().items()}, checkpoint)
         models[ENSEMBLE] = ensemble
@@ -371,6 +372,9 @@ def _comparison(
         lines += [f"- {r['candidate']}: {r['cv_mean']:.4f} ± {r['cv_std']:.4f}" for r in rows if "cv_mean" in r]
         if any(c.cv_final_model == "retrain" for c in trainer.candidates):
             lines += ["", "The final models were retrained on train+val, so their validation numbers above are in-sample."]
+        if any(c.cv_final_model == "ensemble" for c in trainer.candidates):
+            lines += ["", f"Each final model averages its {folds} fold models, each trained on all but one fold of train+val, "
+                      "so its validation numbers above are mostly in-sample; the choice used the cross-validation means."]
     md_path = out / "comparison.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, json_path
@@ -382,7 +386,8 @@ def _comparison_rows(
     by_name = {c.name: c for c in trainer.candidates}
     rows = []
     for e in evaluations:
-        trained = [by_name[m] for m in (e.members or (e.name,))]
+        models = [by_name[m] for m in (e.members or (e.name,))]  # a k-fold bag names its candidate K times
+        trained = list({c.name: c for c in models}.values())
         rows.append({
             "candidate": e.name,
             "chosen": e.name == best,
@@ -400,7 +405,7 @@ def _comparison_rows(
             "epochs_run": sum(len(c.history) for c in trained),
             "train_seconds": round(sum(c.train_seconds for c in trained), 2),
             "images_per_second": None if e.members else trained[0].images_per_second,
-            "parameters": sum(c.parameters for c in trained),
+            "parameters": sum(c.parameters for c in models),
         })
         if cv_stats and e.name in cv_stats:
             stats = cv_stats[e.name]

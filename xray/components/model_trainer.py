@@ -171,6 +171,7 @@ def _record(
         world_size=ranks.world_size,
         cv_fold_metrics=cv.folds if cv else (),
         cv_final_model=cfg.cv_final_model if cv else None,
+        members=(name,) * len(cv.scores) if cv and cfg.cv_final_model == "ensemble" else (),
         cv_retrain_epochs=cv.retrain_epochs if cv else None,
         stopped_by_budget=result.stopped_by_budget,
         batch_size=cfg.batch_size,

@@ -207,17 +207,19 @@ class CandidateModel:
     cv_scores: tuple[float, ...] = ()  # per-fold validation scores when cv_folds >= 2
     world_size: int = 1  # processes that trained it (torchrun / DDP); 1: a single process
     cv_fold_metrics: tuple[FoldScore, ...] = ()  # per-fold metrics when cv_folds >= 2
-    cv_final_model: str | None = None  # retrain | best_fold, when cross-validated
+    cv_final_model: str | None = None  # ensemble | retrain | best_fold, when cross-validated
     cv_retrain_epochs: int | None = None  # epochs of the retrain on train+val (mean best epoch over folds)
     stopped_by_budget: bool = False  # the wall-clock guard ended it: the next epoch would have overrun trainer.time_budget
+    members: tuple[str, ...] = ()  # a k-fold bag (trainer.cv_final_model ensemble): its fold models, in state_dict order
     batch_size: int = 0  # what it trained with: trainer.batch_size, halved for a small dataset (min_steps_per_epoch)
     learning_rate: float = 0.0  # likewise (scaled with the batch by its square root)
 
     def load(self, run_path: Path, num_classes: int) -> nn.Module:
-        """The best checkpoint in its architecture, on CPU, in eval mode."""
-        from xray.models import build_model, load_checkpoint
+        """The best checkpoint in its architecture (a k-fold bag: the ensemble of its folds), on CPU, in eval mode."""
+        from xray.models import build_ensemble, build_model, load_checkpoint
 
-        return load_checkpoint(build_model(self.name, num_classes), run_path / self.checkpoint)
+        model = build_ensemble(self.members, num_classes) if self.members else build_model(self.name, num_classes)
+        return load_checkpoint(model, run_path / self.checkpoint)
 
 
 @dataclass(frozen=True)
@@ -342,7 +344,7 @@ class CandidateEvaluation:
     test: SplitMetrics
     plots: dict[str, str] = field(default_factory=dict)
     checkpoint: str = ""  # run-relative weights (the trainer's, or the ensemble's written by evaluation)
-    members: tuple[str, ...] = ()  # an ensemble's member candidates
+    members: tuple[str, ...] = ()  # an ensemble's member models (candidates, or a k-fold bag's folds), in state_dict order
     tta: tuple[str, ...] = ()  # test-time views used for every score below (and by serving)
     external: SplitMetrics | None = None  # the external check (evaluation.external), when configured
 

@@ -83,7 +83,7 @@ class TrainerConfig:
     max_batches_per_epoch: int = 0  # 0: no limit (smoke runs and benchmarks)
     seed: int = 0
     cv_folds: int = 0  # >= 2: stratified k-fold on train+val for the candidate choice
-    cv_final_model: str = "retrain"  # retrain | best_fold
+    cv_final_model: str = "ensemble"  # ensemble (the K fold models averaged) | retrain | best_fold
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,7 @@ def make_plan(
         _, batch_size, batches = batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)
         if cfg.max_batches_per_epoch:
             batches = min(batches, cfg.max_batches_per_epoch)
-        repeats = cfg.cv_folds + 1 if cross_validated else 1  # each fold, then the final model
+        repeats = cfg.cv_folds + (cfg.cv_final_model == "retrain") if cross_validated else 1  # each fold (and a retrain)
 
         def measure(name: str, size: int) -> CandidateTiming:
             return time_candidate(name, data, cfg, size, batch_size, batches, device, precision, ranks.world_size, repeats)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedKFold
 
 from xray.distributed import DistContext
@@ -35,7 +36,7 @@ from xray.entity.config_entity import TrainerConfig
 from xray.errors import DataError
 from xray.inference import predict_proba, prepare_model
 from xray.metrics import compute_metrics
-from xray.models import build_model
+from xray.models import build_model, ensemble_state_dict
 from xray.training.fit import FitResult, ProgressFn, TrainingData, fit
 from xray.training.ranks import Ranks
 from xray.typed import to_jsonable
@@ -121,6 +122,7 @@ def cross_validate(
     best_epochs: list[int] = []
     fold_scores: list[FoldScore] = []
     best: tuple[int, FitResult] | None = None
+    kept: list[dict[str, torch.Tensor]] = []  # every fold's weights, for the bag (cv_final_model ensemble)
     for i, (train_rows, held_rows) in enumerate(plan.folds, start=1):
         fold = dataclasses.replace(
             data,
@@ -134,10 +136,12 @@ def cross_validate(
         best_epochs.append(result.best_epoch)
         if ranks.is_lead:
             fold_scores.append(_score_fold(name, result, fold, i, ranks))
+        if cfg.cv_final_model == "ensemble":
+            kept.append(result.state_dict)
         if best is None or _better(result.best_score, best[1].best_score, result.monitor != "loss"):
             best = (i, result)
         else:
-            del result  # keep one fold's weights in memory, not K
+            del result  # keep one fold's weights in memory, not K (unless they are bagged)
     assert best is not None
     ranks.log(
         "%s: %d-fold %s %.4f ± %.4f (best epochs %s)", name, plan.k, monitor,
@@ -147,6 +151,9 @@ def cross_validate(
     if cfg.cv_final_model == "retrain":
         epochs = retrain_epochs(best_epochs, max(cfg.epochs, *best_epochs))  # min_steps may have stretched them
         final = _retrain(name, data, plan, cfg, epochs, float(np.mean(scores)), progress, ranks)
+    elif cfg.cv_final_model == "ensemble":  # the best fold's history stands for the bag's; nothing is retrained
+        final = dataclasses.replace(final, state_dict=ensemble_state_dict(kept) if ranks.is_lead else {},
+                                    best_score=float(np.mean(scores)))
     return CandidateCV(
         folds=tuple(fold_scores),
         scores=tuple(round(float(s), 6) for s in scores),
