@@ -42,6 +42,9 @@ class StemConv(nn.Conv2d):
 
     LARGE_INPUT = 64
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride=2 on inputs > {self.LARGE_INPUT} px"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride = 2 if x.shape[-1] > self.LARGE_INPUT else 1
         return nn.functional.conv2d(x, self.weight, self.bias, stride, self.padding)

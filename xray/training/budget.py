@@ -320,27 +320,31 @@ def time_candidate(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(cfg.seed)
-    probe = max(2, min(batch_size, PROBE_BATCH, len(data.train_y)))
-    pixels = torch.from_numpy(resize_batch(data.train_x[:probe], size))
-    labels = torch.from_numpy(data.train_y[:probe])
     prep = dataclasses.replace(data.preprocessing, image_size=size)
     model.train()
-    step = lambda: train_step(model, criterion, optimizer, prep, data.augment, pixels, labels, generator, device, precision, cfg.channels_last)  # noqa: E731
-    step()  # warm-up: allocator, kernel selection
+
+    def probe_batch(images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(resize_batch(data.train_x[:images], size)), torch.from_numpy(data.train_y[:images])
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        train_step(model, criterion, optimizer, prep, data.augment, *batch, generator, device, precision, cfg.channels_last)
+
+    probe = max(2, min(batch_size, PROBE_BATCH, len(data.train_y)))
+    batch = probe_batch(probe)
+    step(batch)  # warm-up: allocator, kernel selection
     started = time.perf_counter()
-    step()
+    step(batch)
     if batch_size > probe and (time.perf_counter() - started) * batch_size / probe < FULL_BATCH_PROBE_S:
         probe = min(batch_size, len(data.train_y))
-        pixels = torch.from_numpy(resize_batch(data.train_x[:probe], size))
-        labels = torch.from_numpy(data.train_y[:probe])
-        step()  # warm-up at the whole batch
+        batch = probe_batch(probe)
+        step(batch)  # warm-up at the whole batch
     steps, started = 0, time.perf_counter()
     while steps < 3 and (steps == 0 or time.perf_counter() - started < 1.0):
-        step()
+        step(batch)
         steps += 1
     step_s = (time.perf_counter() - started) / steps * batch_size / probe
     started = time.perf_counter()
-    predict_logits(model, pixels.numpy(), prep, device, "fp32", channels_last=cfg.channels_last)
+    predict_logits(model, batch[0].numpy(), prep, device, "fp32", channels_last=cfg.channels_last)
     eval_ips = probe / max(time.perf_counter() - started, 1e-6)
     forward_images = min(cfg.precise_bn_images, len(data.train_y)) + math.ceil(len(data.val_y) / world_size)
     epoch_s = (batches * step_s + forward_images / eval_ips) * repeats
