@@ -43,7 +43,7 @@ class StemConv(nn.Conv2d):
     LARGE_INPUT = 64
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, stride=2 on inputs > {self.LARGE_INPUT} px"
+        return super().extra_repr().replace("stride=(1, 1)", f"stride=1, or 2 on inputs > {self.LARGE_INPUT} px")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride = 2 if x.shape[-1] > self.LARGE_INPUT else 1
