@@ -140,6 +140,14 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     }
 
 
+def wilson_interval(correct: int, total: int) -> tuple[float, float]:
+    """95 % interval of an accuracy on ``total`` films: one film of 63 is well inside it."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return interval.low, interval.high
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED / "datasets" / "covid19-3class" / "train")
@@ -187,6 +195,9 @@ def main() -> None:
     print(f"{'train time (s)':<22}{seed['train_s']:>12.1f}{ours['train_s']:>12.1f}")
     print(f"{'held-out accuracy':<22}{seed['holdout_acc']:>12.4f}{ours['holdout_acc']:>12.4f}"
           f"   ({round(seed['holdout_acc'] * n_hold)}/{n_hold} vs {ours['holdout_correct']}/{n_hold})")
+    for name, correct in (("seed", round(seed["holdout_acc"] * n_hold)), ("xray", ours["holdout_correct"])):
+        low, high = wilson_interval(correct, n_hold)
+        print(f"{name} held-out accuracy 95% Wilson interval: [{low:.3f}, {high:.3f}] ({correct}/{n_hold})")
     print(f"time ratio (seed / xray wall): {seed['wall_s'] / ours['wall_s']:.2f}x; "
           f"xray chose {ours['chosen']} at {ours['image_size']} px ({ours['selection']})")
     if args.overrides or args.seed_epochs != 15 or args.seed_max_batches:
