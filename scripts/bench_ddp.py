@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from xray.ports import free_port  # noqa: E402 - after the repo is importable
 
 logger = logging.getLogger("bench_ddp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(args: argparse.Namespace, artifacts: Path, threads: int = 0) -> list[str]:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from xray.ports import free_port  # noqa: E402 - after the repo is importable
+
 SHARED = REPO.parent / "shared"
 LOADGEN = SHARED / "tools" / "loadgen.py"
 REFERENCE = SHARED / "reference" / "seed_predict_api.py"
@@ -52,12 +54,6 @@ class Result:
     p99_ms: float
     mean_batch: float | None = None
     load: float = 0.0  # 1-minute load average after the run: other work on the machine skews both servers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def push_densenet(home: Path) -> str:

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from xray.errors import SourceError
+from xray.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +71,12 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port_pair(exclude: set[int] | None = None, attempts: int = 200) -> int:
-    """A loopback port P with P and P + 10000 both free (weed's gRPC twin port)."""
-    taken = exclude or set()
-    for _ in range(attempts):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((LOOPBACK, 0))
-            port = int(sock.getsockname()[1])
-        if port + GRPC_PORT_OFFSET > 65535 or port in taken or port + GRPC_PORT_OFFSET in taken:
-            continue
-        if _port_free(port) and _port_free(port + GRPC_PORT_OFFSET):
-            return port
-    raise SourceError("cannot find a free loopback port pair for SeaweedFS")
+def free_port_pair(exclude: set[int] | None = None) -> int:
+    """A loopback port P with P and P + 10000 both free (weed's gRPC twin port), below the ephemeral range."""
+    try:
+        return free_port(GRPC_PORT_OFFSET, frozenset(exclude or ()))
+    except OSError as exc:
+        raise SourceError(f"cannot find a free loopback port pair for SeaweedFS: {exc}") from None
 
 
 def _process_alive(pid: int) -> bool:

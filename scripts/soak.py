@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import free_port, start, stop  # noqa: E402 - the benchmark's server handling, reused
+from bench_serve import free_port, start, stop  # noqa: E402 - the benchmark's server handling (and its port choice), reused
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOML = Path(sys.executable).with_name("bentoml")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import numpy as np
 
 from tests.conftest import TINY, wait_until_ready
+from xray.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TOKEN = "train-token-0123456789abcdef"
@@ -29,12 +29,6 @@ TERMINAL = ("succeeded", "failed")
 
 # Fast settings for an end-to-end run through the API: the same as the CLI tests use.
 TINY_OVERRIDES = list(TINY)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from xray.ports import free_port
 from xray.store import list_runs, load_manifest, load_stage_artifact
 
 from .conftest import REPO, run_cli, tiny_args
@@ -29,12 +29,6 @@ from .test_pipeline import run_id_of
 CLASSES = {"covid": 24, "normal": 24, "pneumonia": 24}
 # A time budget too: rank 0 plans, every rank must train that one plan (4 epochs fit 10 minutes easily).
 COMPARE = ["trainer.epochs=4", "trainer.early_stopping_patience=0", "push.enabled=false", "trainer.time_budget=10m"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:

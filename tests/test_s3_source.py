@@ -20,7 +20,6 @@ from tests.s3_fixtures import (  # noqa: F401 - fixtures are used by name
     TEST_BUCKET,
     S3Env,
     boto_client,
-    free_loopback_port,
     isolate_aws_env,
     make_pngs,
     requires_weed,
@@ -29,6 +28,7 @@ from tests.s3_fixtures import (  # noqa: F401 - fixtures are used by name
     unique_prefix,
 )
 from xray.errors import SourceError
+from xray.ports import free_port as free_loopback_port
 from scripts import seaweedfs
 from xray.sources.s3 import (
     INDEX_NAME,
