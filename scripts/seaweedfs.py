@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from xray.errors import SourceError
-from xray.ports import free_port
+from xray.ports import free_port, is_free
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +58,6 @@ def find_weed_binary() -> Path | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
 
 
 def free_port_pair(exclude: set[int] | None = None) -> int:
@@ -320,7 +309,7 @@ def start(
 
     if port is not None:
         for p in (port, port + GRPC_PORT_OFFSET):
-            if not _port_free(p):
+            if not is_free(p, reuse_address=True):
                 raise SourceError(f"cannot start SeaweedFS: port {p} on {LOOPBACK} is in use")
         s3_port = port
     else:

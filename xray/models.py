@@ -115,9 +115,12 @@ def flat_ensemble(models: list[nn.Module], names: tuple[str, ...]) -> Ensemble:
     members: list[nn.Module] = []
     member_names: list[str] = []
     for model, name in zip(models, names):
-        inner = list(model.members) if isinstance(model, Ensemble) else [model]
-        members += inner
-        member_names += list(model.names) if isinstance(model, Ensemble) else [name]
+        if isinstance(model, Ensemble):
+            members += list(model.members)
+            member_names += list(model.names)
+        else:
+            members.append(model)
+            member_names.append(name)
     return Ensemble(members, tuple(member_names))
 
 

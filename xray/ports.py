@@ -29,8 +29,11 @@ def ephemeral_low() -> int:
         return LINUX_EPHEMERAL_LOW
 
 
-def is_free(port: int) -> bool:
+def is_free(port: int, reuse_address: bool = False) -> bool:
+    """Nothing bound to ``port`` on loopback (``reuse_address``: a socket lingering in TIME_WAIT does not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
@@ -41,6 +44,8 @@ def is_free(port: int) -> bool:
 def free_port(twin_offset: int = 0, taken: frozenset[int] = frozenset(), attempts: int = 500) -> int:
     """A free loopback port P below the ephemeral range (and P + ``twin_offset`` free too, when given)."""
     high = ephemeral_low() - twin_offset
+    if high <= LOWEST:
+        raise OSError(f"no loopback ports between {LOWEST} and the ephemeral range ({ephemeral_low()}) for offset {twin_offset}")
     picker = random.SystemRandom()
     for _ in range(attempts):
         port = picker.randrange(LOWEST, high)

@@ -25,7 +25,7 @@ from xray.entity.artifact_entity import OperatingPoint
 from xray.entity.config_entity import DEFAULT_MODEL_NAME
 from xray.errors import XrayError
 from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
-from xray.models import ENSEMBLE, build_ensemble, build_model, load_checkpoint
+from xray.models import build_ensemble, build_model, load_checkpoint
 from xray.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
 

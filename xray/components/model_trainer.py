@@ -30,7 +30,7 @@ from xray.store import fingerprint as fingerprint_of, load_typed, new_header, st
 from xray.training import cross_validation
 from xray.training.budget import at_size, candidate_deadline, make_plan, planned_schedule
 from xray.training.cross_validation import CandidateCV, FoldPlan
-from xray.training.fit import FitResult, TrainingData, fit, small_data_batch
+from xray.training.fit import FitResult, TrainingData, batch_plan, fit, small_data_batch
 from xray.training.ranks import Ranks
 from xray.typed import from_mapping, to_jsonable
 
@@ -125,8 +125,9 @@ def _prepare(cfg: TrainerConfig, load, run_path: Path, ranks: Ranks) -> _Trainin
     cfg = small_data_batch(cfg, len(data.train_y))
     if cfg.batch_size != config_batch:
         ranks.log(
-            "%d training images: batch %d (not %d) at learning rate %.2g, for %d steps an epoch",
-            len(data.train_y), cfg.batch_size, config_batch, cfg.learning_rate, cfg.min_steps_per_epoch,
+            "%d training images: batch %d (not %d) at learning rate %.2g, %d steps an epoch",
+            len(data.train_y), cfg.batch_size, config_batch, cfg.learning_rate,
+            batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)[2],
         )
     folds = cross_validation.plan_folds(data, cfg.cv_folds, cfg.seed) if cfg.cv_folds >= 2 else None
     plan, deadline = make_plan(cfg, data, folds is not None, ranks, started)
