@@ -86,7 +86,7 @@ from xray.store import RunDir
 from xray.training.fit import fit
 overrides = ["trainer.candidates=[densenet121]", "trainer.batch_size=16", "trainer.epochs={epochs}",
              "trainer.max_batches_per_epoch={max_batches}", "trainer.early_stopping_patience=0",
-             "trainer.min_steps=0", "trainer.ema_epochs=0",
+             "trainer.min_steps=0", "trainer.min_steps_per_epoch=0", "trainer.time_budget=none", "trainer.ema_epochs=0",
              "transformation.image_size=224", "transformation.val_fraction=0.2", "transformation.test_fraction=0.01",
              "trainer.learning_rate=0.0001", "trainer.weight_decay=0.01", "trainer.warmup_epochs=0",
              "trainer.class_weighting=none", "ingestion.min_images_per_class=2"]

@@ -13,7 +13,10 @@ from .conftest import REPO, run_cli
 
 
 def test_default_config_file_loads_and_matches_dataclass_defaults() -> None:
+    """`xray train` outside the repo (no config/pipeline.yaml there) must train with the same defaults."""
     config = load_config(REPO / "config" / "pipeline.yaml")
+    assert config == load_config(None)
+    assert config.trainer.time_budget == "15m" and config.trainer.min_steps == 400
     assert config.trainer.candidates == ("simple_cnn", "densenet121")
     assert config.transformation.augment.hflip is True
     assert config.evaluation.selection_metric == "roc_auc"

@@ -129,7 +129,7 @@ def test_best_fold_keeps_the_best_folds_model(monitor: str, pick) -> None:
     data = tiny_data()
     cfg = TrainerConfig(
         candidates=("simple_cnn",), epochs=1, batch_size=8, cv_folds=2, cv_final_model="best_fold", precision="fp32",
-        monitor=monitor,
+        monitor=monitor, min_steps=0,
     )
     plan = cross_validation.plan_folds(data, 2, cfg.seed)
     cv = cross_validation.cross_validate("simple_cnn", data, plan, cfg)
@@ -197,7 +197,9 @@ def test_the_final_model_is_the_k_fold_bag_and_serves_as_one(cv_run: tuple[Path,
 
 def test_retrain_fits_the_whole_pool_for_the_mean_best_epoch() -> None:
     data = tiny_data()
-    cfg = TrainerConfig(candidates=("simple_cnn",), epochs=3, batch_size=8, cv_folds=2, cv_final_model="retrain", precision="fp32")
+    cfg = TrainerConfig(
+        candidates=("simple_cnn",), epochs=3, batch_size=8, cv_folds=2, cv_final_model="retrain", precision="fp32", min_steps=0
+    )
     plan = cross_validation.plan_folds(data, 2, cfg.seed)
     cv = cross_validation.cross_validate("simple_cnn", data, plan, cfg)
     best_epochs = [f.best_epoch for f in cv.folds]

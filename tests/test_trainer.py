@@ -22,6 +22,7 @@ from xray.preprocessing import Preprocessing
 FAST = TrainerConfig(
     candidates=("simple_cnn",), batch_size=8, learning_rate=3e-3, warmup_epochs=0,
     precise_bn_images=0, early_stopping_patience=0, max_batches_per_epoch=0, seed=0,
+    min_steps=0, min_steps_per_epoch=0, time_budget="none",  # each test sets the schedule rule it tests
 )
 
 

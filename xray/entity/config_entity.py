@@ -70,16 +70,16 @@ class TrainerConfig:
     precise_bn_images: int = 1024  # recompute BatchNorm statistics on this many clean train images per epoch
     ema_epochs: float = 0.0  # > 0: validate and keep a moving average of the weights over about this many epochs
     early_stopping_patience: int = 10
-    min_steps: int = 0  # small datasets: stretch epochs (and warmup, patience) to at least this many optimizer steps
-    min_steps_per_epoch: int = 0  # > 0: small datasets halve the batch (not below 16) until an epoch has this many steps
+    min_steps: int = 400  # small datasets: stretch epochs (and warmup, patience) to at least this many optimizer steps
+    min_steps_per_epoch: int = 8  # > 0: small datasets halve the batch (not below 16) until an epoch has this many steps
     monitor: str = "auto"  # validation metric for early stopping and the best checkpoint; auto: loss on a small validation set
     class_weighting: str = "sqrt"  # sqrt | balanced | none: inverse-frequency loss weights
     weights: str = "none"  # none | imagenet | path to a torchvision state_dict
     precision: str = "auto"  # auto | bf16 | fp32
     channels_last: bool = True
     num_threads: int = 0  # 0: all cores
-    time_budget: str | float = "none"  # 90s | 10m | 1h | none (0): the whole training stage fits in it
-    budget_per_image: float = 0.0  # > 0: the budget is at most this many seconds per training image (small data, short run)
+    time_budget: str | float = "15m"  # 90s | 10m | 1h | none (0): the whole training stage fits in it
+    budget_per_image: float = 1.0  # > 0: the budget is at most this many seconds per training image (small data, short run)
     max_batches_per_epoch: int = 0  # 0: no limit (smoke runs and benchmarks)
     seed: int = 0
     cv_folds: int = 0  # >= 2: stratified k-fold on train+val for the candidate choice
