@@ -17,7 +17,8 @@ held-out accuracy of each, ``time ratio`` = seed time / xray time, and the CPU k
 Goal: ratio >= 5 at accuracy >= the seed's.
 
     flock /tmp/xray-bench.lock .venv/bin/python scripts/bench_time_to_accuracy.py
-    ... --seed-epochs 2 --set trainer.epochs=2     # a quick smoke run (not the reported figure)
+    ... --split-seeds 0 --seed-epochs 1 --seed-max-batches 1 --set trainer.min_steps=0 --set trainer.epochs=1
+                                                   # a quick smoke run (not the reported figure)
     ... --seed-result runs/seed.json               # reuse seed runs on the same carves (they are checked)
     ... --split-seeds 0                            # one carve
 """
