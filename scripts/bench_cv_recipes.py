@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_time_to_accuracy import SHARED, SUFFIXES, carve, cpu_kind  # noqa: E402 - after the paths are set
+from bench_time_to_accuracy import SHARED, SUFFIXES, carve, cpu_kind, link_image_folders  # noqa: E402 - after the paths are set
 
 
 def fold_dirs(files: list[Path], train_rows: np.ndarray, held_rows: np.ndarray, out: Path) -> tuple[Path, Path]:
-    for part, rows in (("train", train_rows), ("held", held_rows)):
-        for i in rows:
-            target = out / part / files[i].parent.name / files[i].name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(files[i].resolve(), target)
+    link_image_folders(out, {"train": [files[i].resolve() for i in train_rows], "held": [files[i].resolve() for i in held_rows]})
     return out / "train", out / "held"
 
 

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -57,7 +58,14 @@ def carve(data: Path, out: Path, fraction: float, seed: int) -> tuple[Path, Path
     files = sorted(p for p in data.glob("*/*") if p.suffix.lower() in SUFFIXES)
     labels = [p.parent.name for p in files]
     train, holdout = train_test_split(files, test_size=fraction, random_state=seed, stratify=labels)
-    for name, part in (("train", train), ("holdout", holdout)):
+    link_image_folders(out, {"train": train, "holdout": holdout})
+    digest = hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for p in sorted(holdout)).encode()).hexdigest()[:16]
+    return out / "train", out / "holdout", digest
+
+
+def link_image_folders(out: Path, parts: dict[str, list[Path]]) -> None:
+    """Each part as an ImageFolder dir ``out/PART/CLASS/file`` of hard links (symlinks across file systems)."""
+    for name, part in parts.items():
         for path in part:
             target = out / name / path.parent.name / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +73,6 @@ def carve(data: Path, out: Path, fraction: float, seed: int) -> tuple[Path, Path
                 os.link(path, target)
             except OSError:
                 target.symlink_to(path.resolve())
-    digest = hashlib.sha256("\n".join(f"{p.parent.name}/{p.name}" for p in sorted(holdout)).encode()).hexdigest()[:16]
-    return out / "train", out / "holdout", digest
 
 
 def run_seed(train: Path, holdout: Path, epochs: int, max_batches: int = 0) -> dict:
@@ -152,13 +158,26 @@ def wilson_interval(correct: int, total: int) -> tuple[float, float]:
     return interval.low, interval.high
 
 
+class CarveResult(NamedTuple):
+    split_seed: int
+    seed: dict
+    xray: dict
+    seed_right: int  # films, from the seed recipe's printed accuracy
+    films: int
+
+
 def load_seed_results(path: Path | None) -> dict[str, dict]:
     """Stored seed runs by held-out digest (a file written before carves were keyed holds one run)."""
     if path is None or not path.exists():
         return {}
-    stored = json.loads(path.read_text())
-    if "holdout_digest" in stored:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--seed-result {path}: not a readable JSON file ({exc})") from None
+    if isinstance(stored, dict) and "holdout_digest" in stored:
         return {stored["holdout_digest"]: stored}
+    if not (isinstance(stored, dict) and isinstance(stored.get("carves", {}), dict)):
+        raise SystemExit(f"--seed-result {path}: expected {{\"carves\": {{digest: seed run}}}}")
     return dict(stored.get("carves", {}))
 
 
@@ -178,7 +197,11 @@ def seed_on_carve(args: argparse.Namespace, stored: dict[str, dict], train: Path
     return seed
 
 
-def print_comparison(title: str, seed_wall: float, xray_wall: float, seed_right: int, xray_right: int, total: int) -> None:
+def print_comparison(title: str, rows: list[CarveResult]) -> None:
+    """Films right, wall times and their ratio summed over ``rows`` (one carve, or all of them pooled)."""
+    seed_wall, xray_wall = sum(r.seed["wall_s"] for r in rows), sum(r.xray["wall_s"] for r in rows)
+    seed_right, xray_right = sum(r.seed_right for r in rows), sum(r.xray["holdout_correct"] for r in rows)
+    total = sum(r.films for r in rows)
     print(f"{title}: held-out seed {seed_right}/{total}, xray {xray_right}/{total}; "
           f"wall seed {seed_wall:.1f} s, xray {xray_wall:.1f} s; time ratio (seed / xray wall) {seed_wall / xray_wall:.2f}x")
     for name, right in (("seed", seed_right), ("xray", xray_right)):
@@ -213,7 +236,7 @@ def main() -> None:
     print(f"CPU: {cpu_kind()}", flush=True)
     print(capability().describe(), flush=True)
     stored = load_seed_results(args.seed_result)
-    rows = []
+    rows: list[CarveResult] = []
     for split_seed in split_seeds:
         with tempfile.TemporaryDirectory(prefix="xray-tta-bench-") as tmp:
             train, holdout, digest = carve(args.data, Path(tmp) / "split", args.holdout_fraction, split_seed)
@@ -225,23 +248,22 @@ def main() -> None:
                 continue
             ours = run_xray(train, holdout, Path(tmp) / "xray", args.overrides)
             print("xray:", json.dumps(ours), flush=True)
-        seed_right = round(seed["holdout_acc"] * n_hold)
-        rows.append((split_seed, seed, ours, seed_right, n_hold))
-        print_comparison(f"carve {split_seed}", seed["wall_s"], ours["wall_s"], seed_right, ours["holdout_correct"], n_hold)
+        row = CarveResult(split_seed, seed, ours, round(seed["holdout_acc"] * n_hold), n_hold)
+        rows.append(row)
+        print_comparison(f"carve {split_seed}", [row])
         print(f"  xray chose {ours['chosen']} at {ours['image_size']} px ({ours['selection']})", flush=True)
     if not rows:
         return
     print()
     print(f"{'carve':<7}{'seed wall s':>12}{'xray wall s':>12}{'ratio':>8}{'seed train s':>14}{'xray train s':>14}"
           f"{'seed right':>12}{'xray right':>12}")
-    for split_seed, seed, ours, seed_right, n_hold in rows:
-        seed_score, xray_score = f"{seed_right}/{n_hold}", f"{ours['holdout_correct']}/{n_hold}"
-        print(f"{split_seed:<7}{seed['wall_s']:>12.1f}{ours['wall_s']:>12.1f}{seed['wall_s'] / ours['wall_s']:>7.2f}x"
+    for row in rows:
+        seed, ours = row.seed, row.xray
+        seed_score, xray_score = f"{row.seed_right}/{row.films}", f"{ours['holdout_correct']}/{row.films}"
+        print(f"{row.split_seed:<7}{seed['wall_s']:>12.1f}{ours['wall_s']:>12.1f}{seed['wall_s'] / ours['wall_s']:>7.2f}x"
               f"{seed['train_s']:>14.1f}{ours['train_s']:>14.1f}{seed_score:>12}{xray_score:>12}")
     if len(rows) > 1:
-        print_comparison(f"pooled over {len(rows)} carves", sum(r[1]["wall_s"] for r in rows),
-                         sum(r[2]["wall_s"] for r in rows), sum(r[3] for r in rows),
-                         sum(r[2]["holdout_correct"] for r in rows), sum(r[4] for r in rows))
+        print_comparison(f"pooled over {len(rows)} carves", rows)
     if args.overrides or args.seed_epochs != 15 or args.seed_max_batches:
         print("note: not the reported figure (overrides or a shortened seed recipe)")
 
