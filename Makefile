@@ -35,7 +35,7 @@ demo: install
 	set -o pipefail; trap '$(PY) scripts/s3_server.py stop --dir $(DEMO_DIR)/s3 --port $(S3_PORT)' EXIT; \
 	$(DEMO_S3) $(XRAY) data upload $(DEMO_DIR)/data s3://xray-data/demo && \
 	$(DEMO_S3) $(XRAY) train --data s3://xray-data/demo $(DEMO_OVERRIDES)
-	@echo "Runs: $(XRAY) runs list   |   serve: $(VENV)/bin/bentoml serve xray.service:XrayClassifier"
+	@echo "Runs: $(XRAY) runs list   |   serve: $(VENV)/bin/bentoml serve xray.serving.service:XrayClassifier"
 
 # Headless Chromium for the page tests (Debian's package; tests skip with a message without it).
 browser:
@@ -46,6 +46,11 @@ browser:
 
 test: install browser
 	$(PY) -m pytest -q --timeout=900
+
+# The quick loop (unit, config and stage tests; about 2 minutes): not a substitute for `make test`.
+FAST_TESTS := tests/test_unit_*.py tests/test_config.py tests/test_quality.py tests/test_ingestion.py tests/test_transformation.py
+test-fast: install
+	$(PY) -m pytest -q --timeout=600 $(FAST_TESTS)
 
 bench: install
 	$(PY) scripts/bench_train.py

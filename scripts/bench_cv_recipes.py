@@ -62,8 +62,8 @@ def xray_fold(x: np.ndarray, y: np.ndarray, train_rows: np.ndarray, held_rows: n
     from sklearn.model_selection import train_test_split
 
     from xray.config import load_config
-    from xray.inference import predict_proba
-    from xray.preprocessing import Preprocessing
+    from xray.serving.inference import predict_proba
+    from xray.data.preprocessing import Preprocessing
     from xray.training.budget import planned_schedule
     from xray.training.fit import TrainingData, batch_plan, fit, small_data_batch
 
@@ -83,7 +83,7 @@ def xray_fold(x: np.ndarray, y: np.ndarray, train_rows: np.ndarray, held_rows: n
 
 
 def result_model(name: str, num_classes: int, state: dict):
-    from xray.models import build_model
+    from xray.models.builders import build_model
 
     model = build_model(name, num_classes)
     model.load_state_dict(state)
@@ -108,7 +108,7 @@ def main() -> None:
     from sklearn.model_selection import StratifiedKFold
 
     from xray.capability import capability
-    from xray.preprocessing import load_pixels, resize_batch
+    from xray.data.preprocessing import load_pixels, resize_batch
 
     print(f"CPU: {cpu_kind()}", flush=True)
     print(capability().describe(), flush=True)

@@ -56,7 +56,7 @@ def train_args(args: argparse.Namespace, artifacts: Path, threads: int = 0) -> l
 
 
 def run_side(label: str, prefix: list[str], args: argparse.Namespace, root: Path, threads: int = 0) -> dict:
-    from xray.store import list_runs, load_stage_artifact
+    from xray.pipeline.store import list_runs, load_stage_artifact
 
     artifacts = root / label.replace(" ", "_").replace(",", "")
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": str(root / "bentoml")}

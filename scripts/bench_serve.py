@@ -64,9 +64,9 @@ def push_densenet(home: Path) -> str:
     import bentoml
     import torch
 
-    from xray.models import build_model
-    from xray.preprocessing import Preprocessing
-    from xray.serving_model import DEFAULT_MODEL_NAME, ModelSpec, write_model_dir
+    from xray.models.builders import build_model
+    from xray.data.preprocessing import Preprocessing
+    from xray.serving.serving_model import DEFAULT_MODEL_NAME, ModelSpec, write_model_dir
 
     torch.manual_seed(0)
     model = build_model("densenet121", len(CLASSES))
@@ -154,7 +154,7 @@ def start_ours(tag: str, home: Path, args: argparse.Namespace, logs: Path) -> Se
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "XRAY_MODEL_TAG": tag}
     env.update(dict(item.split("=", 1) for item in args.env))
     command = [
-        str(Path(sys.executable).with_name("bentoml")), "serve", "xray.service:XrayClassifier",
+        str(Path(sys.executable).with_name("bentoml")), "serve", "xray.serving.service:XrayClassifier",
         "--host", "127.0.0.1", "--port", str(port),
     ]
     base = f"http://127.0.0.1:{port}"

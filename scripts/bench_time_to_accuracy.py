@@ -116,9 +116,9 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     import numpy as np
 
     from xray.entity.artifact_entity import DataTransformationArtifact, ModelEvaluationArtifact, ModelTrainerArtifact
-    from xray.preprocessing import load_for_model
-    from xray.serving_model import ModelSpec, load_model_dir, write_model_dir
-    from xray.store import load_typed, sha256_file
+    from xray.data.preprocessing import load_for_model
+    from xray.serving.serving_model import ModelSpec, load_model_dir, write_model_dir
+    from xray.pipeline.store import load_typed, sha256_file
 
     evaluation = load_typed(ModelEvaluationArtifact, run_dir / "model_evaluation" / "artifact.json")
     transformation = load_typed(DataTransformationArtifact, run_dir / "data_transformation" / "artifact.json")

@@ -78,11 +78,11 @@ import numpy as np, torch
 sys.path.insert(0, {str(REPO)!r})
 from xray.components import data_ingestion, data_transformation, model_trainer
 from xray.config import load_config
-from xray.inference import choose_device, predict_proba, prepare_model
-from xray.models import build_model
-from xray.preprocessing import load_pixels
-from xray.stage import run_alone
-from xray.store import RunDir
+from xray.serving.inference import choose_device, predict_proba, prepare_model
+from xray.models.builders import build_model
+from xray.data.preprocessing import load_pixels
+from xray.pipeline.stage import run_alone
+from xray.pipeline.store import RunDir
 from xray.training.fit import fit
 overrides = ["trainer.candidates=[densenet121]", "trainer.batch_size=16", "trainer.epochs={epochs}",
              "trainer.max_batches_per_epoch={max_batches}", "trainer.early_stopping_patience=0",
@@ -136,7 +136,7 @@ def utilization_rows(ref: dict, ours: dict) -> list[tuple[str, float, float]]:
     from torchvision import models
 
     from xray.capability import capability
-    from xray.models import build_model
+    from xray.models.builders import build_model
 
     reference_model = models.densenet121(weights=None)
     reference_model.classifier = nn.Linear(reference_model.classifier.in_features, 3)

@@ -6,7 +6,7 @@
 
 Why: the service runs bf16 autocast where the CPU has it, while the gate
 scored the model in fp32 eager. This loads one servable model twice through
-xray.serving_model (fp32, then bf16), runs the same pixels (the shared
+xray.serving.serving_model (fp32, then bf16), runs the same pixels (the shared
 preprocessing) through both and reports how often the predicted class agrees,
 plus accuracy of each where labels are known. Exit status 1 below
 --min-agreement (default 99%). Needs a trained model to mean anything.
@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xray.preprocessing import IMAGE_SUFFIXES, load_pixels, resize_square, to_grayscale_array  # noqa: E402
-from xray.serving_model import load_model_dir  # noqa: E402
+from xray.data.preprocessing import IMAGE_SUFFIXES, load_pixels, resize_square, to_grayscale_array  # noqa: E402
+from xray.serving.serving_model import load_model_dir  # noqa: E402
 
 
 def model_path(args: argparse.Namespace) -> tuple[str, Path]:
@@ -56,7 +56,7 @@ def folder_pixels(root: Path, size: int, class_names: tuple[str, ...], limit: in
 def npz_pixels(path: Path, split: str, size: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    from xray.snapshot import load_npz_split
+    from xray.data.snapshot import load_npz_split
 
     with np.load(path, allow_pickle=False) as archive:
         images, labels = load_npz_split(archive, split)

@@ -7,7 +7,7 @@ Why: a leak or a slow failure (a worker that dies under load, a queue that
 grows) only shows over minutes of steady traffic, never in a unit test.
 Without --model-tag it trains and pushes a tiny model (the test suite's tiny
 config on the demo data) into a private BentoML home, starts
-``bentoml serve xray.service:XrayClassifier`` on a free loopback port, warms
+``bentoml serve xray.serving.service:XrayClassifier`` on a free loopback port, warms
 it up, then runs --clients clients that each send one request at a time (so
 at most --clients are in flight) until --seconds pass. Prints req/s, errors,
 p50/p99 latency and the summed RSS of the server's processes after warm-up
@@ -141,7 +141,7 @@ def main() -> None:
         tag = args.model_tag or push_tiny_model(home, work / "artifacts")
         port = free_port()
         env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "XRAY_MODEL_TAG": tag}
-        command = [str(BENTOML), "serve", "xray.service:XrayClassifier", "--host", "127.0.0.1", "--port", str(port)]
+        command = [str(BENTOML), "serve", "xray.serving.service:XrayClassifier", "--host", "127.0.0.1", "--port", str(port)]
         url = f"http://127.0.0.1:{port}"
         server = start(command, env, work / "serve.log", f"{url}/readyz")
         try:

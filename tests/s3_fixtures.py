@@ -19,7 +19,7 @@ from botocore.config import Config
 from PIL import Image
 
 from scripts import seaweedfs
-from xray.sources.s3 import S3Settings
+from xray.data.sources.s3 import S3Settings
 
 TEST_BUCKET = "xray-test"
 ACCESS_KEY = "xray-test-key"

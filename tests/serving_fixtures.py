@@ -37,10 +37,10 @@ class BentoServer:
 
 
 def start_bento_server(bentoml_home: Path, log: Path, env: dict[str, str], timeout_s: float = 120) -> BentoServer:
-    """`bentoml serve xray.service:XrayClassifier` on a free port; returns once /readyz answers 200."""
+    """`bentoml serve xray.serving.service:XrayClassifier` on a free port; returns once /readyz answers 200."""
     port = free_port()
     full_env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true", **env}
-    command = [str(BENTOML), "serve", "xray.service:XrayClassifier", "--host", "127.0.0.1", "--port", str(port)]
+    command = [str(BENTOML), "serve", "xray.serving.service:XrayClassifier", "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

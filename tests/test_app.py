@@ -287,7 +287,7 @@ def test_killed_worker_is_failed_and_the_next_run_reuses_its_stages(server: AppS
 
 
 def test_restart_shows_the_same_runs_and_fails_orphans(server: AppServer, trained: dict) -> None:
-    from xray.store import RunDir
+    from xray.pipeline.store import RunDir
 
     with server.client(READ_TOKEN) as client:
         before = {r["run_id"]: r["status"] for r in client.get("/runs").json()}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from xray.bootstrap import bootstrap_intervals, resample_counts, subgroup_metrics, weighted_auc
+from xray.evaluation.bootstrap import bootstrap_intervals, resample_counts, subgroup_metrics, weighted_auc
 from xray.entity.config_entity import OperatingPointConfig
 from xray.errors import ConfigError, DataError
-from xray.operating_point import choose_threshold, operating_point, positive_indices, rates_at
+from xray.evaluation.operating_point import choose_threshold, operating_point, positive_indices, rates_at
 
 CLASSES = ("covid", "normal", "pneumonia")
 

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from xray.components.model_pusher import model_spec
-from xray.inference import predict_proba
-from xray.models import Ensemble
-from xray.serving_model import load_model_dir, write_model_dir
+from xray.serving.inference import predict_proba
+from xray.models.builders import Ensemble
+from xray.serving.serving_model import load_model_dir, write_model_dir
 from xray.training import cross_validation
 from xray.components.model_evaluation import choose_best, cross_validation_stats
 from xray.training.fit import TrainingData
 from xray.entity.artifact_entity import CandidateEvaluation, ClassMetrics, SplitMetrics
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
 from xray.errors import DataError
-from xray.preprocessing import Preprocessing
-from xray.store import load_manifest, load_stage_artifact
+from xray.data.preprocessing import Preprocessing
+from xray.pipeline.store import load_manifest, load_stage_artifact
 
 from .conftest import run_cli, tiny_args
 from .test_pipeline import run_id_of

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray.demo_data import DEMO_CLASSES, generate_demo_dataset, nominal_lung_mask, render_phantom
+from xray.data.demo_data import DEMO_CLASSES, generate_demo_dataset, nominal_lung_mask, render_phantom
 from xray.errors import ConfigError, DataError
 
 SMALL = {"images_per_class": 4, "size": 64, "seed": 0}
@@ -60,7 +60,7 @@ def test_layout_counts_and_readme(tmp_path: Path) -> None:
         assert sorted(p.name for p in (out / c).iterdir()) == [f"{c}_{i:04d}.png" for i in range(4)]
     readme = (out / "README.txt").read_text()
     assert "SYNTHETIC" in readme
-    assert "xray.demo_data" in readme
+    assert "xray.data.demo_data" in readme
     assert "seed: 0" in readme
     for c in DEMO_CLASSES:
         assert f"{c}: 4" in readme

@@ -12,7 +12,7 @@ from tests import dicom_builders as dcm
 from tests.conftest import run_cli, tiny_args
 from tests.data_builders import pattern
 from tests.serving_fixtures import radiograph
-from xray.preprocessing import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormat, decode_grayscale, load_pixels
+from xray.data.preprocessing import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormat, decode_grayscale, load_pixels
 
 SOURCE = radiograph()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from xray.ports import free_port
-from xray.store import list_runs, load_manifest, load_stage_artifact
+from xray.pipeline.store import list_runs, load_manifest, load_stage_artifact
 
 from .conftest import REPO, run_cli, tiny_args
 from .data_builders import class_folder

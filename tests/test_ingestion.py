@@ -10,8 +10,8 @@ import pytest
 from xray.components import data_ingestion
 from xray.config import load_config
 from xray.errors import DataError
-from xray.stage import run_alone
-from xray.store import RunDir
+from xray.pipeline.stage import run_alone
+from xray.pipeline.store import RunDir
 
 from .data_builders import class_folder, npz_file, pattern, save, split_folder
 
@@ -120,7 +120,7 @@ def test_decompression_bomb_header_is_refused_as_too_large() -> None:
     import struct
     import zlib
 
-    from xray.preprocessing import ImageTooLargeError, open_image
+    from xray.data.preprocessing import ImageTooLargeError, open_image
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -13,8 +13,8 @@ from tests.data_builders import pattern, save
 from xray.components import data_ingestion, data_transformation
 from xray.config import load_config
 from xray.errors import DataError
-from xray.stage import run_alone
-from xray.store import RunDir
+from xray.pipeline.stage import run_alone
+from xray.pipeline.store import RunDir
 
 PATIENTS, FILMS = 24, 4  # films per patient; the label is the patient's
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from xray.store import list_runs, load_manifest
+from xray.pipeline.store import list_runs, load_manifest
 
 from .conftest import run_cli, tiny_args
 from .data_builders import class_folder

@@ -15,12 +15,12 @@ import torch
 from xray.capability import Capability, capability
 from xray.training.fit import TrainingData, fit
 from xray.entity.config_entity import AugmentConfig
-from xray.inference import choose_precision, predict_proba
-from xray.models import build_model
-from xray.preprocessing import Preprocessing
-from xray.serving_model import ModelSpec, load_model_dir, write_model_dir
-from xray.store import sha256_file
-from xray.service import ServingSettings
+from xray.serving.inference import choose_precision, predict_proba
+from xray.models.builders import build_model
+from xray.data.preprocessing import Preprocessing
+from xray.serving.serving_model import ModelSpec, load_model_dir, write_model_dir
+from xray.pipeline.store import sha256_file
+from xray.serving.service import ServingSettings
 
 from .test_trainer import FAST
 

@@ -13,17 +13,17 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from xray import selection
+from xray.evaluation import selection
 from xray.components import model_evaluation
 from xray.components.model_evaluation import _Scorer, tta_helps
 from xray.config import load_config
 from xray.entity.config_entity import EvaluationConfig
 from xray.errors import ConfigError
-from xray.inference import predict_proba, prepare_model
-from xray.metrics import compute_metrics
-from xray.models import Ensemble, build_ensemble, build_model
-from xray.preprocessing import Preprocessing, center_square, load_for_model, resize_square
-from xray.serving_model import ModelSpec, load_model_dir, write_model_dir
+from xray.serving.inference import predict_proba, prepare_model
+from xray.evaluation.metrics import compute_metrics
+from xray.models.builders import Ensemble, build_ensemble, build_model
+from xray.data.preprocessing import Preprocessing, center_square, load_for_model, resize_square
+from xray.serving.serving_model import ModelSpec, load_model_dir, write_model_dir
 
 from .conftest import run_cli, tiny_args
 from .data_builders import class_folder, npz_file

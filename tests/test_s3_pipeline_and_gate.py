@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.s3_fixtures import ACCESS_KEY, SECRET_KEY, TEST_BUCKET, requires_weed, seaweed_server  # noqa: F401
-from xray.sources.s3 import S3Settings, upload_dir
-from xray.store import load_manifest, load_stage_artifact, sha256_file
+from xray.data.sources.s3 import S3Settings, upload_dir
+from xray.pipeline.store import load_manifest, load_stage_artifact, sha256_file
 
 from .conftest import run_cli, tiny_args
 from . import dicom_builders as dcm

@@ -30,7 +30,7 @@ from tests.s3_fixtures import (  # noqa: F401 - fixtures are used by name
 from xray.errors import SourceError
 from xray.ports import free_port as free_loopback_port
 from scripts import seaweedfs
-from xray.sources.s3 import (
+from xray.data.sources.s3 import (
     INDEX_NAME,
     LOCK_NAME,
     S3Settings,
@@ -44,7 +44,7 @@ from xray.sources.s3 import (
 
 pytestmark = pytest.mark.timeout(120)
 
-S3_LOGGER = "xray.sources.s3"
+S3_LOGGER = "xray.data.sources.s3"
 NAMES = ["NORMAL/a.png", "NORMAL/b.png", "PNEUMONIA/c.png", "PNEUMONIA/d.png", "PNEUMONIA/sub/e.png"]
 
 

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from xray.api.jobs import JobManager
 from xray.api.settings import AppSettings, Tokens
-from xray.ledger import LEDGER, canonical
-from xray.seal import EVIDENCE_SEAL, SEAL
-from xray.store import RunDir, load_manifest, mark_orphaned
+from xray.audit.ledger import LEDGER, canonical
+from xray.audit.seal import EVIDENCE_SEAL, SEAL
+from xray.pipeline.store import RunDir, load_manifest, mark_orphaned
 
 from .conftest import REPO, TINY, run_cli
 
@@ -345,10 +345,10 @@ def test_key_is_private_and_bad_keys_are_one_line_errors(signing_keys_dir: Path,
 
 
 def test_serving_refuses_weights_that_differ_from_the_metadata(sealed: SealedRuns, tmp_path: Path) -> None:
-    """The loader serving uses (xray/service.py), against a copy of the store with the weights changed."""
+    """The loader serving uses (xray/serving/service.py), against a copy of the store with the weights changed."""
     store = tmp_path / "bentoml"
     shutil.copytree(sealed.bentoml_home, store)
-    load = ("from xray.serving_model import load_stored_model; "
+    load = ("from xray.serving.serving_model import load_stored_model; "
             "m = load_stored_model('xray-classifier:latest'); print('loaded', m.tag)")
 
     def run_loader() -> subprocess.CompletedProcess:

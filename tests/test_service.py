@@ -121,9 +121,9 @@ def test_served_ensemble_answers_the_mean_of_its_members(
     client: httpx.Client, served: tuple[BentoServer, str]
 ) -> None:
     """/predict through HTTP = the members' probabilities averaged in-process (TTA as the spec says)."""
-    from xray.inference import predict_proba
-    from xray.preprocessing import load_for_model
-    from xray.serving_model import load_model_dir
+    from xray.serving.inference import predict_proba
+    from xray.data.preprocessing import load_for_model
+    from xray.serving.serving_model import load_model_dir
 
     payload = encode(Image.fromarray(radiograph(seed=5)))
     answer = post_image(client, payload).json()["probabilities"]
@@ -384,12 +384,12 @@ def test_a_bad_worker_setting_is_refused_with_its_name(tmp_path, name: str) -> N
     import sys
 
     code = (
-        "from xray.service import ServingSettings\n"
+        "from xray.serving.service import ServingSettings\n"
         f"ServingSettings.from_env({{{name!r}: '0'}})\n"
     )
     env = {"BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0
     assert f"{name} must be a positive integer, got '0'" in done.stderr
-    good = "from xray.service import ServingSettings\nprint(ServingSettings.from_env({'XRAY_MODEL_WORKERS': '2', 'XRAY_MODEL_THREADS': '3'}).threads_per_model_worker())"
+    good = "from xray.serving.service import ServingSettings\nprint(ServingSettings.from_env({'XRAY_MODEL_WORKERS': '2', 'XRAY_MODEL_THREADS': '3'}).threads_per_model_worker())"
     assert subprocess.run([sys.executable, "-c", good], capture_output=True, text=True, env=env, timeout=120).stdout.strip() == "3"

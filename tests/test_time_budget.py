@@ -14,7 +14,7 @@ from xray.config import parse_duration
 from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, TrainingPlan
 from xray.entity.config_entity import AugmentConfig
 from xray.errors import ConfigError
-from xray.preprocessing import Preprocessing
+from xray.data.preprocessing import Preprocessing
 from xray.training.budget import (
     MIN_SCALED_BUDGET_S,
     MIN_USEFUL_EPOCHS,

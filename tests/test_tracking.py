@@ -21,7 +21,7 @@ import pytest
 from tests.app_helpers import READ_TOKEN, new_server
 from tests.conftest import REPO, run_cli, tiny_args, wait_until_ready
 from tests.serving_fixtures import free_port, start_bento_server, stop_process_group
-from xray.seal import verify_run
+from xray.audit.seal import verify_run
 
 MODEL = "xray-classifier"
 
@@ -211,7 +211,7 @@ def test_exported_twice_to_sqlite_is_one_run_with_steps_artifacts_and_champion(s
     assert run.data.params["trainer.seed"] == "3" and run.data.params["push.model_name"] == MODEL
     sealed = verify_run(store.artifacts, store.run_b)
     assert sealed.ok and sealed.seal_digest is not None and len(sealed.seal_digest) == 64
-    assert run.data.tags["xray.status"] == "succeeded" and run.data.tags["xray.seal"] == sealed.seal_digest
+    assert run.data.tags["xray.status"] == "succeeded" and run.data.tags["xray.audit.seal"] == sealed.seal_digest
     manifest = json.loads((store.artifacts / store.run_b / "manifest.json").read_text())
     assert run.data.tags["mlflow.source.git.commit"] == (manifest["code"]["git_commit"] or "")
     history = client.get_metric_history(run.info.run_id, "simple_cnn/val_loss")

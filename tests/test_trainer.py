@@ -17,7 +17,7 @@ from xray.training.fit import (
     stretch_schedule,
 )
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
-from xray.preprocessing import Preprocessing
+from xray.data.preprocessing import Preprocessing
 
 FAST = TrainerConfig(
     candidates=("simple_cnn",), batch_size=8, learning_rate=3e-3, warmup_epochs=0,

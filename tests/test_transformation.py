@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xray.augment import augment_batch
+from xray.training.augment import augment_batch
 from xray.components import data_ingestion, data_transformation
 from xray.components.data_transformation import assign_splits
 from xray.config import load_config
 from xray.entity.artifact_entity import Item
 from xray.entity.config_entity import AugmentConfig
-from xray.stage import run_alone
-from xray.store import RunDir
+from xray.pipeline.stage import run_alone
+from xray.pipeline.store import RunDir
 
 from .data_builders import class_folder, npz_file, pattern, save, split_folder
 

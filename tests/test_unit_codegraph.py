@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from xray.codegraph import module_closure
-from xray.store import code_hash, load_manifest, stage_code_hash
+from xray.pipeline.store import code_hash, load_manifest, stage_code_hash
 
 from .conftest import REPO, run_cli, tiny_args
 
@@ -67,11 +67,11 @@ def test_closure_of_an_unknown_module_is_an_error(tmp_path: Path) -> None:
 def test_stage_closures_leave_out_the_app_serving_and_dev_tools() -> None:
     for module in STAGE_MODULES.values():
         names = set(module_closure(module))
-        assert module in names and "xray.store" in names
-        assert not {n for n in names if n.startswith(("xray.api", "xray.pipeline"))}, module
-        assert "xray.service" not in names and "xray.cli" not in names
+        assert module in names and "xray.pipeline.store" in names
+        assert not {n for n in names if n.startswith(("xray.api", "xray.pipeline.training_pipeline"))}, module
+        assert "xray.serving.service" not in names and "xray.cli" not in names
     trainer = set(module_closure(STAGE_MODULES["model_trainer"]))
-    assert {"xray.models", "xray.metrics", "xray.inference", "xray.training.cross_validation", "xray.training.fit"} <= trainer
+    assert {"xray.models.builders", "xray.evaluation.metrics", "xray.serving.inference", "xray.training.cross_validation", "xray.training.fit"} <= trainer
 
 
 def test_editing_the_app_keeps_every_stage_key_and_editing_a_stage_changes_its_own(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_editing_the_app_keeps_every_stage_key_and_editing_a_stage_changes_its_o
     whole = code_hash(package_dir=package)
 
     append_comment(package / "api" / "pages.py")
-    append_comment(package / "service.py")
+    append_comment(package / "serving" / "service.py")
     (package / "api" / "templates" / "run.html").write_text("<p>edited</p>")
     assert code_hash(package_dir=package) != whole  # the edit is real: the whole-package hash sees it
     assert stage_hashes(package) == before
@@ -93,7 +93,7 @@ def test_editing_the_app_keeps_every_stage_key_and_editing_a_stage_changes_its_o
     assert after["data_ingestion"] == before["data_ingestion"]
     assert after["data_transformation"] == before["data_transformation"]
 
-    append_comment(package / "metrics.py")
+    append_comment(package / "evaluation" / "metrics.py")
     assert stage_hashes(package)["data_transformation"] == before["data_transformation"]
     assert stage_hashes(package)["model_evaluation"] != after["model_evaluation"]
 
@@ -124,8 +124,8 @@ def test_rerun_after_editing_the_api_reuses_every_stage(tmp_path: Path) -> None:
 
 
 def test_bento_packs_exactly_what_serving_imports() -> None:
-    """bentofile.yaml's include list is the import closure of xray.service (plus nothing else from xray/)."""
+    """bentofile.yaml's include list is the import closure of xray.serving.service (plus nothing else from xray/)."""
     bentofile = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     included = {Path(p) for p in bentofile["include"]}
-    needed = {path.relative_to(REPO) for path in module_closure("xray.service").values()}
+    needed = {path.relative_to(REPO) for path in module_closure("xray.serving.service").values()}
     assert included == needed

@@ -1,4 +1,4 @@
-"""xray/inference.py: batched prediction equals a plain forward pass; device and precision choice."""
+"""xray/serving/inference.py: batched prediction equals a plain forward pass; device and precision choice."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from xray.capability import capability
-from xray.inference import autocast, choose_precision, predict_logits, predict_proba, prepare_model
-from xray.preprocessing import Preprocessing
+from xray.serving.inference import autocast, choose_precision, predict_logits, predict_proba, prepare_model
+from xray.data.preprocessing import Preprocessing
 
 PREP = Preprocessing(image_size=12, mean=0.4, std=0.2)
 

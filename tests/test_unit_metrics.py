@@ -1,4 +1,4 @@
-"""xray/metrics.py against hand-computed small cases and independent computations."""
+"""xray/evaluation/metrics.py against hand-computed small cases and independent computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from xray.metrics import compute_metrics, expected_calibration_error, roc_auc
+from xray.evaluation.metrics import compute_metrics, expected_calibration_error, roc_auc
 
 
 def pairwise_auc(positive: np.ndarray, negative: np.ndarray) -> float:

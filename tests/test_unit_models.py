@@ -1,4 +1,4 @@
-"""xray/models.py: every candidate builds, runs at the sizes the pipeline uses, and loads weights from disk only."""
+"""xray/models/builders.py: every candidate builds, runs at the sizes the pipeline uses, and loads weights from disk only."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torchvision import models as tv_models
 
 from xray.entity.config_entity import CANDIDATES
 from xray.errors import ConfigError
-from xray.models import (
+from xray.models.builders import (
     Ensemble,
     SimpleCNN,
     build_ensemble,

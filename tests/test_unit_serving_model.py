@@ -1,4 +1,4 @@
-"""xray/serving_model.py: the model directory the pusher writes, loaded back from a temporary BentoML store."""
+"""xray/serving/serving_model.py: the model directory the pusher writes, loaded back from a temporary BentoML store."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from xray.inference import predict_proba
-from xray.models import build_model
-from xray.preprocessing import Preprocessing
-from xray.serving_model import (
+from xray.serving.inference import predict_proba
+from xray.models.builders import build_model
+from xray.data.preprocessing import Preprocessing
+from xray.serving.serving_model import (
     SPEC, WEIGHTS, ModelSpec, load_model_dir, production_model_dir, read_spec, write_model_dir,
 )
-from xray.store import sha256_file
+from xray.pipeline.store import sha256_file
 
 CLASSES = ("covid", "normal", "pneumonia")
 PREP = Preprocessing(image_size=32, mean=0.45, std=0.22)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from xray.entity.config_entity import PipelineConfig
-from xray.store import RunManifest, StageRecord
+from xray.pipeline.store import RunManifest, StageRecord
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 

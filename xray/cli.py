@@ -212,7 +212,7 @@ def _artifacts_root(args: argparse.Namespace) -> Path:
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    from xray.store import list_runs
+    from xray.pipeline.store import list_runs
 
     runs = list_runs(_artifacts_root(args))
     if not runs:
@@ -229,7 +229,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    from xray.reports import run_report, run_summary
+    from xray.audit.reports import run_report, run_summary
 
     root = _artifacts_root(args)
     report = run_report(root, args.run_id)
@@ -250,7 +250,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 def cmd_runs_verify(args: argparse.Namespace) -> int:
     """Exit 0: intact; 1: a problem (each named on stdout); 3: the run is still going, not sealed yet."""
-    from xray.seal import verify_run
+    from xray.audit.seal import verify_run
 
     result = verify_run(_artifacts_root(args), args.run_id, args.public_key)
     if not result.sealed and result.ok:
@@ -266,7 +266,7 @@ def cmd_runs_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_export(args: argparse.Namespace) -> int:
-    from xray.keys import load_signing_key
+    from xray.audit.keys import load_signing_key
 
     key = load_signing_key()
     pem = key.public.pem()
@@ -282,7 +282,7 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_diff(args: argparse.Namespace) -> int:
-    from xray.run_diff import diff_runs, format_diff
+    from xray.audit.run_diff import diff_runs, format_diff
 
     diff = diff_runs(_artifacts_root(args), args.run_a, args.run_b)
     print(json.dumps(to_jsonable(diff), indent=2) if args.json else format_diff(diff))
@@ -302,7 +302,7 @@ def cmd_runs_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from xray.registry import list_models
+    from xray.audit.registry import list_models
 
     rows = list_models(args.name)
     if args.json:
@@ -322,7 +322,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
-    from xray.registry import promote
+    from xray.audit.registry import promote
 
     entry = promote(args.tag, args.reason)
     print(f"production {entry.model}: {entry.from_tag or '(none)'} -> {entry.to_tag}")
@@ -330,7 +330,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
-    from xray.registry import rollback
+    from xray.audit.registry import rollback
 
     entry = rollback(args.name, args.reason)
     print(f"production {entry.model}: {entry.from_tag} -> {entry.to_tag} (rolled back)")
@@ -338,7 +338,7 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_models_audit(args: argparse.Namespace) -> int:
-    from xray.registry import read_audit_log
+    from xray.audit.registry import read_audit_log
 
     entries = read_audit_log(model=args.name)
     if args.json:
@@ -352,7 +352,7 @@ def cmd_models_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
-    from xray.demo_data import generate_demo_dataset
+    from xray.data.demo_data import generate_demo_dataset
 
     counts = generate_demo_dataset(Path(args.out), images_per_class=args.per_class)
     print(f"wrote {sum(counts.values())} synthetic images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -360,7 +360,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data_upload(args: argparse.Namespace) -> int:
-    from xray.sources.s3 import S3Settings, upload_dir
+    from xray.data.sources.s3 import S3Settings, upload_dir
 
     folder = Path(args.folder)
     if not folder.is_dir():

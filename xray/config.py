@@ -14,7 +14,7 @@ import yaml
 
 from xray.entity.config_entity import CANDIDATES, PipelineConfig
 from xray.errors import ConfigError
-from xray.grouping import patient_pattern
+from xray.data.grouping import patient_pattern
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 DEFAULT_CONFIG_PATH = Path("config/pipeline.yaml")

@@ -22,7 +22,7 @@ class RunError(XrayError):
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not an image this pipeline can read (the decoders in xray/preprocessing.py and xray/dicom.py)."""
+    """The bytes are not an image this pipeline can read (the decoders in xray/data/preprocessing.py and xray/data/dicom.py)."""
 
 
 class ImageTooLargeError(ImageDecodeError):

@@ -18,7 +18,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from xray.api.settings import AppSettings, Tokens
-from xray.tokens import matches_any
+from xray.audit.tokens import matches_any
 
 READ = "read"
 TRAIN = "train"

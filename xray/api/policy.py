@@ -20,7 +20,7 @@ from pathlib import Path
 
 from xray.api.settings import AppSettings
 from xray.errors import DataError, SourceError
-from xray.sources.s3 import parse_s3_uri
+from xray.data.sources.s3 import parse_s3_uri
 
 # Overrides a train token may send; everything else needs an admin token.
 TRAIN_OVERRIDES = (

@@ -117,7 +117,7 @@ class LocalPredictor:
         self._loaded: tuple[str, object] | None = None
 
     def _model(self):  # -> (tag, LoadedModel)
-        from xray.serving_model import ModelIntegrityError, load_stored_model, production_model_dir
+        from xray.serving.serving_model import ModelIntegrityError, load_stored_model, production_model_dir
 
         found = production_model_dir(self.model_name)
         if found is None:
@@ -135,7 +135,7 @@ class LocalPredictor:
         return self._loaded
 
     def predict(self, data: bytes, filename: str, content_type: str | None) -> PredictionResult:
-        from xray.preprocessing import (
+        from xray.data.preprocessing import (
             DEFAULT_MAX_PIXELS,
             ImageDecodeError,
             ImageTooLargeError,
@@ -151,7 +151,7 @@ class LocalPredictor:
             if isinstance(exc, (UnsupportedImageFormat, ImageTooLargeError)):
                 status = 415 if isinstance(exc, UnsupportedImageFormat) else 413
             raise BadUpload(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)), status) from None
-        from xray.explain import gradcam_overlays  # heavy (grad-cam): only once the upload is usable
+        from xray.evaluation.explain import gradcam_overlays  # heavy (grad-cam): only once the upload is usable
 
         with self._lock:
             tag, loaded = self._model()

@@ -30,12 +30,12 @@ from xray.api.schemas import (
     VerifyResult,
 )
 from xray.api.views import load_view, summary
-from xray import registry
+from xray.audit import registry
 from xray.errors import ConfigError, DataError, RunError, XrayError
-from xray.keys import SigningKeyError
-from xray.run_diff import RunDiff, diff_runs
-from xray.seal import verify_run
-from xray.store import RunManifest, run_ids
+from xray.audit.keys import SigningKeyError
+from xray.audit.run_diff import RunDiff, diff_runs
+from xray.audit.seal import verify_run
+from xray.pipeline.store import RunManifest, run_ids
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)

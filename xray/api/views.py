@@ -15,7 +15,7 @@ from urllib.parse import quote
 from xray.api.schemas import CandidateScores, Progress, PushDecision, RunDetail, RunSummary, StageInfo
 from xray.entity.run_summary import RunSummary as StoredSummary
 from xray.errors import RunError
-from xray.store import STAGES, RunManifest, load_stage_artifact
+from xray.pipeline.store import STAGES, RunManifest, load_stage_artifact
 from xray.typed import to_jsonable
 
 

@@ -1,1 +1,1 @@
-"""The five pipeline stages, one module each, all of one shape (xray/stage.py); none imports another."""
+"""The five pipeline stages, one module each, all of one shape (xray/pipeline/stage.py); none imports another."""

@@ -25,12 +25,12 @@ from tqdm import tqdm
 from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, Item, SourceObject, UnreadableFile
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
-from xray.grouping import Grouper
-from xray.operating_point import positive_indices
-from xray.preprocessing import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageDecodeError, decode_grayscale, open_image
-from xray.snapshot import load_npz_split
-from xray.stage import Inputs, StageContext
-from xray.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
+from xray.data.grouping import Grouper
+from xray.evaluation.operating_point import positive_indices
+from xray.data.preprocessing import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageDecodeError, decode_grayscale, open_image
+from xray.data.snapshot import load_npz_split
+from xray.pipeline.stage import Inputs, StageContext
+from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
 def _snapshot(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, str, str, tuple[SourceObject, ...]]:
     """(dataset root, kind, the artifact's dataset_path, S3 objects): demo and S3 data are copied into the run."""
     if uri == "demo":
-        from xray.demo_data import generate_demo_dataset
+        from xray.data.demo_data import generate_demo_dataset
 
         root = out / "snapshot"
         generate_demo_dataset(root, images_per_class=config.ingestion.demo_images_per_class)
@@ -244,7 +244,7 @@ def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str]
 
 
 def _snapshot_s3(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, tuple[SourceObject, ...]]:
-    from xray.sources.s3 import S3Settings, mirror_dir_for, sync_prefix
+    from xray.data.sources.s3 import S3Settings, mirror_dir_for, sync_prefix
 
     settings = S3Settings.from_config(config.ingestion.s3)
     mirror = mirror_dir_for(run_dir.root / ".s3-mirror", uri, settings)

@@ -19,9 +19,9 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from xray.entity.artifact_entity import DataIngestionArtifact, DataTransformationArtifact, Item
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
-from xray.stage import Inputs, StageContext
-from xray.store import fingerprint as fingerprint_of, new_header, stage_code_hash
-from xray.snapshot import SPLITS, Decoder, decoder
+from xray.pipeline.stage import Inputs, StageContext
+from xray.pipeline.store import fingerprint as fingerprint_of, new_header, stage_code_hash
+from xray.data.snapshot import SPLITS, Decoder, decoder
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)

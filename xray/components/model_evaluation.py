@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray import model_card, plots
-from xray.bootstrap import bootstrap_intervals, subgroup_metrics
+from xray.evaluation import model_card
+from xray.evaluation import plots
+from xray.evaluation.bootstrap import bootstrap_intervals, subgroup_metrics
 from xray.entity.artifact_entity import (
     CandidateEvaluation,
     DataIngestionArtifact,
@@ -30,16 +31,16 @@ from xray.entity.artifact_entity import (
     SplitMetrics,
 )
 from xray.entity.config_entity import EvaluationConfig, PipelineConfig
-from xray.explain import gradcam_overlays
-from xray import selection
-from xray.external import ExternalSet, load_external
-from xray.inference import TTA_VIEWS, choose_device, predict_proba, prepare_model
-from xray.metrics import compute_metrics
-from xray.models import ENSEMBLE, flat_ensemble
-from xray.operating_point import operating_point, positive_indices
-from xray.preprocessing import Preprocessing, resize_batch
-from xray.stage import Inputs, StageContext
-from xray.store import RunDir, fingerprint as fingerprint_of, new_header, stage_code_hash
+from xray.evaluation.explain import gradcam_overlays
+from xray.evaluation import selection
+from xray.evaluation.external import ExternalSet, load_external
+from xray.serving.inference import TTA_VIEWS, choose_device, predict_proba, prepare_model
+from xray.evaluation.metrics import compute_metrics
+from xray.models.builders import ENSEMBLE, flat_ensemble
+from xray.evaluation.operating_point import operating_point, positive_indices
+from xray.data.preprocessing import Preprocessing, resize_batch
+from xray.pipeline.stage import Inputs, StageContext
+from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, stage_code_hash
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)

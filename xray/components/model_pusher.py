@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from xray import registry
+from xray.audit import registry
 from xray.entity.artifact_entity import (
     DataIngestionArtifact,
     DataTransformationArtifact,
@@ -28,12 +28,12 @@ from xray.entity.artifact_entity import (
 )
 from xray.entity.config_entity import GateConfig, PipelineConfig
 from xray.errors import XrayError
-from xray.metrics import compute_metrics
-from xray.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
-from xray.seal import seal_evidence
-from xray.snapshot import split_pixels
-from xray.stage import Inputs, StageContext
-from xray.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash, utc_now, write_json_atomic
+from xray.evaluation.metrics import compute_metrics
+from xray.serving.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
+from xray.audit.seal import seal_evidence
+from xray.data.snapshot import split_pixels
+from xray.pipeline.stage import Inputs, StageContext
+from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash, utc_now, write_json_atomic
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def _upload_to_s3(
 ) -> list[str]:
     if not config.push.s3_uri:
         return []
-    from xray.sources.s3 import S3Settings, upload_file
+    from xray.data.sources.s3 import S3Settings, upload_file
 
     settings = S3Settings.from_config(config.ingestion.s3)
     base = config.push.s3_uri.rstrip("/") + f"/{model_tag.replace(':', '/')}"

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from xray.distributed import DistContext
+from xray.training.distributed import DistContext
 from xray.entity.artifact_entity import CandidateModel, DataTransformationArtifact, ModelTrainerArtifact, TrainingPlan
 from xray.entity.config_entity import AugmentConfig, PipelineConfig, TrainerConfig
-from xray.models import build_model, count_parameters
-from xray.stage import Inputs, ProgressFn, StageContext
-from xray.store import fingerprint as fingerprint_of, load_typed, new_header, stage_code_hash
+from xray.models.builders import build_model, count_parameters
+from xray.pipeline.stage import Inputs, ProgressFn, StageContext
+from xray.pipeline.store import fingerprint as fingerprint_of, load_typed, new_header, stage_code_hash
 from xray.training import cross_validation
 from xray.training.budget import at_size, candidate_deadline, make_plan, planned_schedule
 from xray.training.cross_validation import CandidateCV, FoldPlan

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
-    from xray.preprocessing import Preprocessing
+    from xray.data.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class DataTransformationArtifact:
     augmentation: dict[str, float | bool]  # train-only, applied on the fly per batch
     grouped_by: str = "none"  # how val/test were carved: by patient group, or by image (duplicates together)
     # how the source's images were made from full-size films (MedMNIST .npz: centre square, 28 px, bicubic),
-    # so serving and the external check shrink a full-size film the same way (see xray/preprocessing.py)
+    # so serving and the external check shrink a full-size film the same way (see xray/data/preprocessing.py)
     source_crop: str = "none"
     source_size: int = 0
     source_filter: str = "bilinear"
@@ -144,7 +144,7 @@ class DataTransformationArtifact:
 
         ``image_size``: the size the models were trained at when the time budget shrank it (0: this artifact's).
         """
-        from xray.preprocessing import Preprocessing
+        from xray.data.preprocessing import Preprocessing
 
         return Preprocessing(
             image_size=image_size or self.image_size,
@@ -216,7 +216,7 @@ class CandidateModel:
 
     def load(self, run_path: Path, num_classes: int) -> nn.Module:
         """The best checkpoint in its architecture (a k-fold bag: the ensemble of its folds), on CPU, in eval mode."""
-        from xray.models import build_ensemble, build_model, load_checkpoint
+        from xray.models.builders import build_ensemble, build_model, load_checkpoint
 
         model = build_ensemble(self.members, num_classes) if self.members else build_model(self.name, num_classes)
         return load_checkpoint(model, run_path / self.checkpoint)

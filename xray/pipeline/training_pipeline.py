@@ -1,6 +1,6 @@
 """The training pipeline: ingestion -> transformation -> trainer -> evaluation -> pusher.
 
-One loop over ``STAGES`` (each of the shape xray/stage.py describes): a stage
+One loop over ``STAGES`` (each of the shape xray/pipeline/stage.py describes): a stage
 gets the config and its upstream artifacts and returns a typed artifact. A
 cached stage whose fingerprint (its config section, upstream fingerprints and
 the code it runs) matches a finished result is reused instead of recomputed,
@@ -27,22 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xray import distributed
+from xray.training import distributed
 from xray.components import data_ingestion, data_transformation, model_evaluation, model_pusher, model_trainer
 from xray.config import config_to_dict
-from xray.distributed import DistContext
+from xray.training.distributed import DistContext
 from xray.entity.artifact_entity import ModelEvaluationArtifact, ModelPusherArtifact
 from xray.entity.config_entity import PipelineConfig
 from xray.entity.run_summary import RunSummary
 from xray.errors import XrayError
-from xray.keys import load_signing_key
-from xray.stage import Inputs, Stage, StageContext
-from xray.store import RunDir, adopt_cached_stage, cache_lookup, cache_store, load_artifact
+from xray.audit.keys import load_signing_key
+from xray.pipeline.stage import Inputs, Stage, StageContext
+from xray.pipeline.store import RunDir, adopt_cached_stage, cache_lookup, cache_store, load_artifact
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
 
-# The stages in the order they run; each has the shape xray/stage.py describes.
+# The stages in the order they run; each has the shape xray/pipeline/stage.py describes.
 STAGES: tuple[Stage, ...] = (data_ingestion, data_transformation, model_trainer, model_evaluation, model_pusher)
 
 

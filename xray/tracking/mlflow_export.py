@@ -26,8 +26,8 @@ from typing import Any
 
 from xray.config import flatten
 from xray.errors import XrayError
-from xray.seal import seal_digest_of
-from xray.store import load_manifest, load_stage_artifact
+from xray.audit.seal import seal_digest_of
+from xray.pipeline.store import load_manifest, load_stage_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _export(mlflow: Any, root: Path, manifest: Any, experiment: str) -> ExportRe
         "xray.data_uri": manifest.data_uri,
         "xray.code_hash": code.get("code_hash") or "",
         "xray.git_dirty": str(code.get("git_dirty")),
-        "xray.seal": seal_digest(run_path),
+        "xray.audit.seal": seal_digest(run_path),
         "mlflow.source.git.commit": code.get("git_commit") or "",
     }
     for key, value in tags.items():
@@ -243,7 +243,7 @@ def _model_dir(root: Path, manifest: Any, pusher: Any, scratch: Path) -> Path:
         except NotFound:
             logger.info("pushed model %s is not in this BentoML store; exporting the run's checkpoint", pusher.model_tag)
     from xray.components.model_pusher import model_spec
-    from xray.serving_model import write_model_dir
+    from xray.serving.serving_model import write_model_dir
 
     ingestion = load_stage_artifact(root, manifest, "data_ingestion")
     transformation = load_stage_artifact(root, manifest, "data_transformation")
@@ -258,7 +258,7 @@ def _example_image(model_dir: Path) -> bytes:
     import numpy as np
     from PIL import Image
 
-    from xray.serving_model import read_spec
+    from xray.serving.serving_model import read_spec
 
     size = read_spec(model_dir).preprocessing.image_size
     ramp = np.linspace(0, 255, size * size).reshape(size, size).astype(np.uint8)
@@ -272,7 +272,7 @@ def _log_pyfunc(mlflow: Any, model_dir: Path, model_name: str) -> str:
     from mlflow.models import infer_signature
 
     from xray.tracking.pyfunc_model import IMAGE_COLUMN, XrayPyfunc, probability_column
-    from xray.serving_model import read_spec
+    from xray.serving.serving_model import read_spec
 
     spec = read_spec(model_dir)
     example = pd.DataFrame({IMAGE_COLUMN: [_example_image(model_dir)]})

@@ -1,7 +1,7 @@
 """The exported model as an MLflow pyfunc: encoded images in, labels and probabilities out.
 
-It wraps the same model directory and loader as serving (``xray.serving_model``)
-and decodes with the same ``xray.preprocessing``, so MLflow and the Bento
+It wraps the same model directory and loader as serving (``xray.serving.serving_model``)
+and decodes with the same ``xray.data.preprocessing``, so MLflow and the Bento
 cannot disagree on preprocessing.
 """
 
@@ -27,12 +27,12 @@ class XrayPyfunc(mlflow.pyfunc.PythonModel):
     ``probability_<class>`` column per class."""
 
     def load_context(self, context: Any) -> None:
-        from xray.serving_model import load_model_dir
+        from xray.serving.serving_model import load_model_dir
 
         self.loaded = load_model_dir(Path(context.artifacts["model_dir"]), precision="fp32")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from xray.preprocessing import load_pixels
+        from xray.data.preprocessing import load_pixels
 
         size = self.loaded.spec.preprocessing.image_size
         pixels = np.stack([load_pixels(bytes(data), size) for data in model_input[IMAGE_COLUMN]])

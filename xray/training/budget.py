@@ -38,9 +38,9 @@ from xray.capability import capability
 from xray.config import parse_duration
 from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, DroppedCandidate, TrainingPlan
 from xray.entity.config_entity import TrainerConfig
-from xray.inference import choose_precision, predict_logits, prepare_model
-from xray.models import build_model
-from xray.preprocessing import resize_batch
+from xray.serving.inference import choose_precision, predict_logits, prepare_model
+from xray.models.builders import build_model
+from xray.data.preprocessing import resize_batch
 from xray.training.fit import TrainingData, batch_plan, stretch_schedule, train_step
 from xray.training.ranks import Ranks
 

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from xray.distributed import DistContext
+from xray.training.distributed import DistContext
 from xray.entity.artifact_entity import FoldScore
 from xray.entity.config_entity import TrainerConfig
 from xray.errors import DataError
-from xray.inference import predict_proba, prepare_model
-from xray.metrics import compute_metrics
-from xray.models import build_model, ensemble_state_dict
+from xray.serving.inference import predict_proba, prepare_model
+from xray.evaluation.metrics import compute_metrics
+from xray.models.builders import build_model, ensemble_state_dict
 from xray.training.fit import FitResult, ProgressFn, TrainingData, fit
 from xray.training.ranks import Ranks
 from xray.typed import to_jsonable

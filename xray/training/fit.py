@@ -23,14 +23,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from xray.augment import augment_batch
-from xray.distributed import DistContext
+from xray.training.augment import augment_batch
+from xray.training.distributed import DistContext
 from xray.entity.artifact_entity import EpochRecord
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
-from xray.inference import autocast, choose_precision, predict_logits, prepare_model
-from xray.metrics import roc_auc
-from xray.models import build_model
-from xray.preprocessing import Preprocessing
+from xray.serving.inference import autocast, choose_precision, predict_logits, prepare_model
+from xray.evaluation.metrics import roc_auc
+from xray.models.builders import build_model
+from xray.data.preprocessing import Preprocessing
 from xray.training.ranks import Ranks
 
 ProgressFn = Callable[..., None]

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray import distributed
-from xray.distributed import DistContext
+from xray.training import distributed
+from xray.training.distributed import DistContext
 from xray.errors import XrayError
-from xray.inference import choose_device
+from xray.serving.inference import choose_device
 
 logger = logging.getLogger(__name__)
 

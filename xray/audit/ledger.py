@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xray.keys import SigningKey, VerifyKey
+from xray.audit.keys import SigningKey, VerifyKey
 
 LEDGER = "ledger.jsonl"
 GENESIS = "0" * 64

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from xray.entity.run_summary import RunSummary
-from xray.store import RunManifest, load_manifest, load_stage_artifact
+from xray.pipeline.store import RunManifest, load_manifest, load_stage_artifact
 from xray.typed import to_jsonable
 
 

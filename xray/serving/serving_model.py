@@ -24,9 +24,9 @@ from torch import nn
 from xray.entity.artifact_entity import OperatingPoint
 from xray.entity.config_entity import DEFAULT_MODEL_NAME
 from xray.errors import XrayError
-from xray.inference import choose_device, choose_precision, predict_proba, prepare_model
-from xray.models import build_ensemble, build_model, load_checkpoint
-from xray.preprocessing import Preprocessing
+from xray.serving.inference import choose_device, choose_precision, predict_proba, prepare_model
+from xray.models.builders import build_ensemble, build_model, load_checkpoint
+from xray.data.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class ModelIntegrityError(XrayError):
 
 def check_weights(path: Path, spec: ModelSpec, metadata_sha256: str | None, tag: str = "") -> None:
     """Refuse weights whose sha256 differs from the model's metadata (and its model.json)."""
-    with open(path / WEIGHTS, "rb") as fh:  # hashlib, not xray.store: the Bento packs only what serving imports
+    with open(path / WEIGHTS, "rb") as fh:  # hashlib, not xray.pipeline.store: the Bento packs only what serving imports
         actual = hashlib.file_digest(fh, "sha256").hexdigest()
     name = tag or str(path)
     if metadata_sha256 is not None and actual != metadata_sha256:
@@ -143,11 +143,11 @@ def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
 
 
 def production_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> tuple[str, Path] | None:
-    """The production model: what the pointer in ``xray.registry`` names (only gated models get there)."""
+    """The production model: what the pointer in ``xray.audit.registry`` names (only gated models get there)."""
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from xray.registry import production_tag
+    from xray.audit.registry import production_tag
 
     tag = production_tag(model_name)
     if tag is None:

@@ -36,7 +36,7 @@ from typing import Any, Iterable, TypeVar
 from xray.codegraph import PACKAGE_DIR, module_closure, module_file
 from xray.entity.artifact_entity import ARTIFACT_TYPES, ArtifactHeader, FileRecord
 from xray.errors import RunError
-from xray.run_ids import RUN_ID_RE, check_run_id  # noqa: F401 - check_run_id: part of the store's interface
+from xray.pipeline.run_ids import RUN_ID_RE, check_run_id  # noqa: F401 - check_run_id: part of the store's interface
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -304,8 +304,8 @@ class RunDir:
         self.seal()
 
     def seal(self) -> str:
-        """Sign the finished run (``xray/seal.py``); nothing may be written into it afterwards."""
-        from xray.seal import seal_run  # seal reads runs through this module
+        """Sign the finished run (``xray/audit/seal.py``); nothing may be written into it afterwards."""
+        from xray.audit.seal import seal_run  # seal reads runs through this module
 
         problems = recorded_hash_problems(self.root, self.run_id)
         return seal_run(self.root, self.run_id, self.manifest.status, utc_now(), problems)

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from xray.distributed import DistContext
+from xray.training.distributed import DistContext
 from xray.entity.config_entity import PipelineConfig
-from xray.store import RunDir
+from xray.pipeline.store import RunDir
 
 A = TypeVar("A")
 ProgressFn = Callable[..., None]

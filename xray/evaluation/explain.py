@@ -8,8 +8,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from xray.models import gradcam_target_layers
-from xray.preprocessing import Preprocessing
+from xray.models.builders import gradcam_target_layers
+from xray.data.preprocessing import Preprocessing
 
 
 def gradcam_overlays(

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from xray.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom
+from xray.data.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom
 from xray.errors import ImageDecodeError, ImageTooLargeError
 
 # The only decoders an image ever reaches (Pillow format name -> file suffixes): every other Pillow
 # plugin stays unreachable from data and uploads (EPS, for one, would run Ghostscript). DICOM is
-# recognised by its DICM marker and decoded by pydicom (xray/dicom.py), never by Pillow.
+# recognised by its DICM marker and decoded by pydicom (xray/data/dicom.py), never by Pillow.
 IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
     "PNG": (".png",),
     "JPEG": (".jpg", ".jpeg"),

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from xray.entity.artifact_entity import Interval, SubgroupMetrics
-from xray.metrics import roc_auc
-from xray.operating_point import positive_score, rates_at
+from xray.evaluation.metrics import roc_auc
+from xray.evaluation.operating_point import positive_score, rates_at
 
 MAX_SUBGROUP_LEVELS = 20  # a column with more distinct values is an identifier, not a category
 

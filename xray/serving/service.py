@@ -5,7 +5,7 @@ batchable API through its server (a direct ``self.method()`` call inside one
 service is a plain Python call):
 
 * ``XrayClassifier`` (public): size-limits the upload, decodes it with the
-  shared ``xray.preprocessing`` path in a small thread pool, turns bad input
+  shared ``xray.data.preprocessing`` path in a small thread pool, turns bad input
   into 400/413 JSON, and sends the ``1×H×W`` pixels to ...
 * ``XrayModel`` (internal, reached through ``bentoml.depends``): holds the
   model (bf16 weights + channels_last where the CPU has bf16) and serves a
@@ -18,7 +18,7 @@ service is a plain Python call):
 
 Settings come from the environment when the module is imported (the batch
 limits are decorator arguments): ``XRAY_MODEL_TAG`` (default: the production
-pointer of ``XRAY_MODEL_NAME``, see ``xray.registry``), ``XRAY_MAX_UPLOAD_BYTES``,
+pointer of ``XRAY_MODEL_NAME``, see ``xray.audit.registry``), ``XRAY_MAX_UPLOAD_BYTES``,
 ``XRAY_MAX_PIXELS``, ``XRAY_MAX_BATCH_SIZE``, ``XRAY_MAX_LATENCY_MS``,
 ``XRAY_PRECISION``, ``XRAY_DECODE_THREADS``, ``XRAY_MAX_CONCURRENCY``,
 ``XRAY_FRONT_WORKERS``, ``XRAY_MODEL_WORKERS``, ``XRAY_MODEL_THREADS``, ``XRAY_SERVE_TOKENS``
@@ -47,12 +47,12 @@ from starlette.formparsers import MultiPartParser
 from starlette.responses import JSONResponse
 
 from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES
-from xray.inference import choose_device, choose_precision
-from xray.operating_point import positive_indices
-from xray.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageFormat, load_for_model
-from xray.registry import production_tag
-from xray.serving_model import DEFAULT_MODEL_NAME, read_card, read_spec
-from xray.tokens import matches_any
+from xray.serving.inference import choose_device, choose_precision
+from xray.evaluation.operating_point import positive_indices
+from xray.data.preprocessing import DEFAULT_MAX_PIXELS, ImageTooLargeError, UnsupportedImageFormat, load_for_model
+from xray.audit.registry import production_tag
+from xray.serving.serving_model import DEFAULT_MODEL_NAME, read_card, read_spec
+from xray.audit.tokens import matches_any
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class XrayModel:
     def __init__(self) -> None:
         import torch
 
-        from xray.serving_model import load_model_dir
+        from xray.serving.serving_model import load_model_dir
 
         torch.set_num_threads(SETTINGS.threads_per_model_worker())
         # Weights whose sha256 differs from the store's metadata are refused here: the worker does not start.
@@ -320,7 +320,7 @@ class XrayModel:
     @bentoml.api
     def explain(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
         """uint8 ``1×S×S`` -> the RGB uint8 Grad-CAM overlay ``S×S×3`` for ``class_index``."""
-        from xray.explain import gradcam_overlays
+        from xray.evaluation.explain import gradcam_overlays
 
         self._check(pixels)
         if not 0 <= class_index < len(self.loaded.spec.class_names):

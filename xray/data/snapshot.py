@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from xray.entity.artifact_entity import DataIngestionArtifact, DataTransformationArtifact, Item
 from xray.errors import DataError
-from xray.preprocessing import load_pixels, resize_square, to_grayscale_array
+from xray.data.preprocessing import load_pixels, resize_square, to_grayscale_array
 
 SPLITS = ("train", "val", "test")
 Decoder = Callable[[list[Item], str], np.ndarray]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from xray.errors import DataError
-from xray.preprocessing import IMAGE_SUFFIXES, ImageDecodeError, Preprocessing, load_for_model
+from xray.data.preprocessing import IMAGE_SUFFIXES, ImageDecodeError, Preprocessing, load_for_model
 
 logger = logging.getLogger(__name__)
 

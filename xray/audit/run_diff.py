@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from xray.config import flatten
-from xray.reports import run_report
-from xray.store import load_manifest, load_stage_artifact
+from xray.audit.reports import run_report
+from xray.pipeline.store import load_manifest, load_stage_artifact
 
 # The scalar metrics compared per candidate and split (SplitMetrics fields).
 METRICS = ("accuracy", "roc_auc", "macro_f1", "loss", "ece")

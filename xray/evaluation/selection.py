@@ -15,7 +15,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, f1_score
 
 from xray.entity.artifact_entity import BootstrapComparison
-from xray.metrics import roc_auc
+from xray.evaluation.metrics import roc_auc
 
 BOOTSTRAP_SEED = 20240601
 

@@ -4,7 +4,7 @@ When a run ends (succeeded, failed, cancelled, or found orphaned) its
 directory is walked without following links, every regular file is hashed
 (sha256 + size) and the list is signed with Ed25519 over canonical JSON into
 ``<run>/seal.json``; the seal's digest goes into the ledger
-(``xray/ledger.py``). A run that pushes a model is sealed once before, too:
+(``xray/audit/ledger.py``). A run that pushes a model is sealed once before, too:
 ``model_pusher/evidence_seal.json`` covers the evidence the gate decided on,
 its digest travels in the model's metadata, and the final seal lists that
 file and names its digest, so the pushed model can be traced to the run.
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from xray import ledger
+from xray.audit import ledger
 from xray.entity.artifact_entity import FileRecord
 from xray.errors import RunError
-from xray.keys import SigningKey, VerifyKey, load_public_key, load_signing_key
-from xray.ledger import canonical
-from xray.run_ids import check_run_id
+from xray.audit.keys import SigningKey, VerifyKey, load_public_key, load_signing_key
+from xray.audit.ledger import canonical
+from xray.pipeline.run_ids import check_run_id
 
 SEAL = "seal.json"
 EVIDENCE_SEAL = "model_pusher/evidence_seal.json"

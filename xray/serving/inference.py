@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from xray.capability import capability
-from xray.preprocessing import Preprocessing
+from xray.data.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 

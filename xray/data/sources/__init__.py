@@ -1,0 +1,1 @@
+"""Dataset sources, one module each, chosen by URI scheme."""
