@@ -12,13 +12,13 @@ never touches the held-out part (so nothing here can tune on it):
 * xray: the default config (``config/pipeline.yaml``) as the trainer resolves it for this many films
   (``small_data_batch``, ``monitor: auto``), each ``--members`` model fit with a 15 % validation
   split carved from the fold's train part, at ``--size`` px for ``--epochs`` epochs (no time budget:
-  the budget's plan gave 14 epochs at 64 px on the Covid19 carve), scored with hflip TTA;
+  the defaults are what the budget's plan gave on the Covid19 carve, docs/benchmarks.md), scored with hflip TTA;
   then the members' probability average.
 
 Prints each fold and the totals, and the CPU kind.
 
-    .venv/bin/python scripts/bench_cv_recipes.py                   # about 45 min on 2 AVX2 cores, most of it the seed
-    .venv/bin/python scripts/bench_cv_recipes.py --skip-seed       # xray's side only (~5 min)
+    .venv/bin/python scripts/bench_cv_recipes.py                   # the reported figure (its run time: docs/benchmarks.md)
+    .venv/bin/python scripts/bench_cv_recipes.py --skip-seed       # xray's side only
     ... --epochs 1 --seed-epochs 1 --seed-max-batches 1 --folds 2  # a quick smoke run (not the reported figure)
 """
 

@@ -1,15 +1,16 @@
 """What this CPU can do, measured once per machine: instruction sets, cores, fp32/bf16 peaks.
 
 The same two-core machine is sometimes an AVX-512 part with native bf16 and
-sometimes AVX2 only, where bf16 matmul runs ~300x slower than fp32. Flags alone
+sometimes AVX2 only, where bf16 matmul runs many times slower than fp32
+(docs/benchmarks.md). Flags alone
 have misled (a CPU may list ``avx512_bf16`` and still be slow through torch's
 kernels), so precision is chosen from measured throughput: bf16 only where it
 beats fp32 by ``BF16_MARGIN`` on both matmul and convolution.
 
 Peaks are measured on one thread against that thread's CPU time
 (``time.thread_time``) and multiplied by the thread count: the machine is
-often shared, and wall-clock timing under a load of 7 on 2 cores once recorded
-a conv "peak" 50x too low, which would then have been cached for good.
+often shared, and wall-clock timing on a loaded machine once recorded a conv
+"peak" far too low, which would then have been cached for good.
 
 The measurement takes a few seconds and is cached in
 ``$XRAY_CACHE_DIR/capability.json`` (default ``~/.cache/xray``), keyed by CPU
@@ -181,7 +182,7 @@ def _rate(run: Callable[[], object], flops: float) -> tuple[float, float]:
 
 def _matmul_gflops(dtype: torch.dtype) -> float:
     """Grow the matrices until one product takes 20 ms of CPU: big enough for the kernel's peak, and a slow
-    dtype (bf16 on AVX2 runs ~0.2 GFLOP/s) stops at a small size instead of taking minutes."""
+    dtype (bf16 on AVX2) stops at a small size instead of taking minutes."""
     best = 0.0
     for n in (128, 256, 512, 1024):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

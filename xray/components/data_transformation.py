@@ -109,10 +109,10 @@ def source_contract(ingestion: DataIngestionArtifact) -> dict[str, str | int]:
 
 def resolve_image_size(setting: int | str, median_side: int) -> int:
     """``auto``: the native size, kept between 32 px (DenseNet downsamples 32x; MedMNIST's 28 px
-    goes to 32, where both candidates beat 64 px on PneumoniaMNIST's validation AUC in a quarter
-    of the CPU time, because the same minutes buy 2.5x the epochs) and 128 px (full-size films:
-    consolidations stay several pixels wide while DenseNet on two CPU cores trains ~3x faster
-    than at 224)."""
+    goes to 32, where both candidates beat 64 px on PneumoniaMNIST's validation AUC in less CPU
+    time, because the same minutes buy more epochs) and 128 px (full-size films: consolidations
+    stay several pixels wide while DenseNet on CPU trains several times faster than at 224).
+    The measurements: docs/benchmarks.md."""
     if setting != "auto":
         return int(setting)
     return max(AUTO_SMALL, min(AUTO_LARGE, median_side // 32 * 32))

@@ -1,8 +1,8 @@
 """The external check: score models on full-size films from another source, through serving's path.
 
 Validation comes from the training source; a model can look perfect there and
-still fail on another hospital's films (PneumoniaMNIST: val AUC 0.997, test
-0.965). ``evaluation.external`` names a folder of class subfolders from a
+still fail on another hospital's films (PneumoniaMNIST's own test split already
+scores lower than its validation: docs/benchmarks.md). ``evaluation.external`` names a folder of class subfolders from a
 different source and ``evaluation.external_classes`` maps each model class to
 one subfolder. Every film goes through ``load_for_model``, the exact path
 ``/predict`` uses (including the MedMNIST crop-and-shrink contract), so the

@@ -51,8 +51,9 @@ def resampled_scores(metric: str, y_true: np.ndarray, probs: np.ndarray, rows: n
 
     AUC is the Mann-Whitney statistic on average ranks (what scikit-learn's
     ``roc_auc_score`` computes, ties included), vectorised over resamples:
-    a thousand scikit-learn calls on a 3-class set take ~30 s on two cores,
-    this a fraction of a second. Other metrics go through ``score``.
+    a thousand scikit-learn calls on a 3-class set take tens of seconds on a
+    small CPU, this a fraction of one (docs/benchmarks.md). Other metrics go
+    through ``score``.
     """
     if metric == "accuracy":
         return (probs.argmax(axis=1)[rows] == y_true[rows]).mean(axis=1)

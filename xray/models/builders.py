@@ -30,12 +30,11 @@ _DENSENETS = {
 class StemConv(nn.Conv2d):
     """A 3×3 convolution that strides by 2 on inputs larger than ``LARGE_INPUT`` pixels.
 
-    At 128 px a full-resolution first block cost four times the rest of the
-    network (12.6 training img/s on two AVX2 cores, no faster than
-    DenseNet-121 there); striding its first convolution makes every later
-    layer see a quarter of the pixels (71 img/s). In 3-fold CV on the Covid19
-    train set a strided-stem CNN at 128 px scored 0.90, the unstrided one at
-    64 px 0.89. MedMNIST-size inputs (<= 64 px) keep full resolution, so the
+    At 128 px a full-resolution first block cost several times the rest of
+    the network (no faster than DenseNet-121 there); striding its first
+    convolution makes every later layer see a quarter of the pixels, and in
+    3-fold CV on the Covid19 train set the strided stem at 128 px scored as
+    well as the unstrided one at 64 px (figures: docs/benchmarks.md). MedMNIST-size inputs (<= 64 px) keep full resolution, so the
     same weights serve both, and the rule is a pure function of the input:
     identical in training and serving.
     """

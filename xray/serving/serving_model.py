@@ -55,7 +55,7 @@ class ModelSpec:
 class LoadedModel:
     """``model`` is the fp32 original (Grad-CAM needs fp32 gradients); predictions go through
     ``inference_model``, a bf16 copy where bf16 was chosen on a CPU: bf16 weights skip the
-    per-call weight casts of autocast (~10 % faster at batch 8 here)."""
+    per-call weight casts of autocast (faster: docs/benchmarks.md)."""
 
     spec: ModelSpec
     model: nn.Module

@@ -70,8 +70,8 @@ def allocate_epochs(
 
     First every candidate's ``floor`` epochs, where they all fit: an expensive
     candidate keeps a useful schedule instead of a cheap one taking half the
-    time for epochs it barely needs (on PneumoniaMNIST with AVX2, equal shares
-    left DenseNet-121 7 epochs and dropped it). The rest in equal time shares,
+    time for epochs it barely needs (on PneumoniaMNIST, equal shares left
+    DenseNet-121 too few epochs and dropped it: docs/benchmarks.md). The rest in equal time shares,
     a candidate whose whole schedule costs less than its share taking only
     what it needs and the others splitting the rest.
     """
@@ -281,8 +281,8 @@ def forward_flops_ratio(name: str, num_classes: int, measured: int, size: int) -
 
     Not the pixel ratio: simple_cnn strides its first convolution only above
     64 px (``StemConv``), so going from 96 to 64 px costs it about as much,
-    not 2.25x less. Scaled by pixels, it was planned at 0.9 s per epoch on the
-    Covid19 films and took 2.6 s, and the budget cut it off at 14 of 41 epochs.
+    not 2.25x less. Scaled by pixels, it was planned far too cheap on the
+    Covid19 films and the budget cut it off early (docs/benchmarks.md).
     """
     model = build_model(name, num_classes).eval()
 
@@ -312,8 +312,8 @@ def time_candidate(
     batch: per-image cost on CPU only falls with batch, so the estimate errs long, and measuring a
     DenseNet at batch 64 on two busy cores would itself eat minutes of the budget. Where the whole
     batch is cheap (small images), it is timed at the whole batch instead: at 32 px a 16-image probe
-    made DenseNet-121 look 2.4x slower than it trains at batch 64 (43 vs 105 img/s on AVX2), and the
-    planner dropped it from PneumoniaMNIST.
+    made DenseNet-121 look much slower than it trains at batch 64, and the planner dropped it from
+    PneumoniaMNIST (docs/benchmarks.md).
     """
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_model(name, len(data.class_names)), device, cfg.channels_last)

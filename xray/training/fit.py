@@ -177,10 +177,8 @@ def resolve_monitor(setting: str, val_y: np.ndarray, num_classes: int) -> str:
 
     On a few dozen films AUC reaches 1.0 within two or three epochs and then
     cannot move, so early stopping ran out of patience and kept epoch 2 or 3;
-    the loss keeps moving. In 3-fold CV on the Covid19 train set (19
-    validation films per fold), watching the loss instead of AUC raised
-    simple_cnn from 163 to 169 of 188 films and a second DenseNet-121 seed
-    from 161 to 167.
+    the loss keeps moving. In 3-fold CV on the Covid19 train set watching the
+    loss scored more films right than watching AUC (docs/benchmarks.md).
     """
     if setting != "auto":
         return setting
@@ -292,8 +290,8 @@ def _report(s: _Session, result: _EpochResult, improved: bool, progress: Progres
 def _validation_metrics(s: _Session, data: TrainingData) -> tuple[float, float, float]:
     """(loss, accuracy, ROC-AUC) on the validation split.
 
-    fp32, as evaluation scores: bf16 scoring moved a DenseNet's val AUC by 0.003 at 32 px,
-    enough to keep the wrong epoch. Cheap: validation is a forward pass over a small split.
+    fp32, as evaluation scores: bf16 scoring moved a DenseNet's val AUC enough to keep the
+    wrong epoch (docs/benchmarks.md). Cheap: validation is a forward pass over a small split.
     """
 
     def predict(images: np.ndarray) -> torch.Tensor:
@@ -355,8 +353,8 @@ def recalibrate_batchnorm(
 
     Running averages with momentum lag far behind the weights when an epoch
     has few steps (a few hundred films make 6 batches), and evaluation then
-    sees stale statistics: on covid19-3class the validation loss sat at 5-8
-    while the training loss fell. One forward pass over a fixed subset with
+    sees stale statistics: on covid19-3class the validation loss stayed high
+    while the training loss fell (docs/benchmarks.md). One forward pass over a fixed subset with
     cumulative averaging (torch's ``update_bn``) removes that lag.
     """
     count = min(cfg.precise_bn_images, len(data.train_y))
@@ -376,11 +374,10 @@ def small_data_batch(cfg: TrainerConfig, train_images: int) -> TrainerConfig:
     """Halve the batch until an epoch has ``min_steps_per_epoch`` steps; the learning rate follows by sqrt.
 
     Under a time budget a small dataset gets few epochs, and at batch 64 the
-    132 Covid19 training films make 3 optimizer steps an epoch: DenseNet-121
-    got 42 steps in all, the seed recipe (batch 16) 150. In 3-fold CV on the
-    Covid19 train set, batch 16 at learning rate 1e-3 (2e-3 x sqrt(16/64))
-    for 14 epochs scored simple_cnn 173 and DenseNet-121 165 and 172 of 188
-    films, against 169, 171 and 167 at batch 64 for 17-20 epochs.
+    132 Covid19 training films make 3 optimizer steps an epoch, a fraction of
+    the seed recipe's (batch 16). In 3-fold CV on the Covid19 train set, batch
+    16 at learning rate 1e-3 (2e-3 x sqrt(16/64)) scored better than batch 64
+    (docs/benchmarks.md).
     """
     batch = cfg.batch_size
     while cfg.min_steps_per_epoch and batch // 2 >= SMALLEST_BATCH and train_images / batch < cfg.min_steps_per_epoch:
