@@ -211,9 +211,9 @@ MIN_SCALED_BUDGET_S = 60.0  # trainer.budget_per_image never cuts the budget bel
 def effective_budget(budget_s: float, per_image_s: float, train_images: int) -> float:
     """``trainer.time_budget``, capped at ``budget_per_image`` seconds per training image (never below a minute).
 
-    On the Covid19 train set a 3-fold CV accuracy of 0.90 was the same after 30
-    and 60 epochs (and at 128 and 256 px): a small dataset stops paying for
-    time long before a budget sized for thousands of images runs out.
+    On the Covid19 train set the 3-fold CV accuracy did not move with twice the
+    epochs or twice the pixels (docs/benchmarks.md): a small dataset stops paying
+    for time long before a budget sized for thousands of images runs out.
     """
     if per_image_s <= 0:
         return budget_s
