@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from xray.entity.artifact_entity import CandidateModel
 from xray.entity.config_entity import CANDIDATES
 from xray.errors import ConfigError
 
@@ -183,6 +184,15 @@ def gradcam_target_layers(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, SimpleCNN):
         return [model.features[-1][-3]]  # last block's final BatchNorm (its ReLU is in-place), before pooling
     return [model.features[-1]]  # DenseNet: final norm5 (its ReLU is functional)
+
+
+def load_candidate(candidate: CandidateModel, run_path: Path, num_classes: int) -> nn.Module:
+    """A trained candidate's best checkpoint in its architecture (a k-fold bag: the ensemble of its folds),
+    on CPU, in eval mode. Here, not on the record: the artifact is a plain record below every stage."""
+    model = (
+        build_ensemble(candidate.members, num_classes) if candidate.members else build_model(candidate.name, num_classes)
+    )
+    return load_checkpoint(model, run_path / candidate.checkpoint)
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
