@@ -9,26 +9,25 @@ same way, and neither stage may import the other.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from xray.entity.artifact_entity import DataIngestionArtifact, DataTransformationArtifact, Item
 from xray.errors import DataError
-from xray.data.preprocessing import load_pixels, resize_square, to_grayscale_array
+from xray.data.preprocessing import resize_square, to_grayscale_array
+from xray.data.sources.base import Decoder
+from xray.data.sources.registry import source_named
 
 SPLITS = ("train", "val", "test")
-Decoder = Callable[[list[Item], str], np.ndarray]
 
 
 def decoder(ingestion: DataIngestionArtifact, run_path: Path, size: int) -> Decoder:
-    """(items, split name) -> uint8 N×size×size, for the snapshot's kind (files or an .npz)."""
+    """(items, split name) -> uint8 N×size×size, read back the way the snapshot's source reads its films."""
     root = ingestion.dataset_root(run_path)
-    return _npz_decoder(root, size) if ingestion.source_kind == "npz" else _file_decoder(root, size)
+    if ingestion.source_kind == "npz":
+        return _npz_decoder(root, size)
+    return source_named(ingestion.source_kind).decoder(root, size)
 
 
 def load_npz_split(archive: np.lib.npyio.NpzFile, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -55,20 +54,6 @@ def split_pixels(
         rows = [json.loads(line) for line in fh]
     items = [Item(**{k: v for k, v in r.items() if k != "row"}) for r in rows if r["split"] == split]
     return decoder(ingestion, run_path, size)(items, split), labels
-
-
-def _file_decoder(root: Path, size: int) -> Decoder:
-    def decode(items: list[Item], split: str) -> np.ndarray:
-        out = np.empty((len(items), size, size), dtype=np.uint8)
-
-        def one(index: int) -> None:
-            out[index] = load_pixels(root / items[index].ref, size)
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=f"decode {split}", unit="img", leave=False, disable=None))
-        return out
-
-    return decode
 
 
 def _npz_decoder(path: Path, size: int) -> Decoder:
