@@ -8,7 +8,7 @@ the name of the source it came from in ``Item.metadata["source"]`` (a source
 that gathers several others, such as a manifest, sets it); it travels into
 ``items.jsonl`` like any metadata column.
 
-Heavy libraries (torch through the decoders, boto3) are imported where they
+Heavy libraries (numpy, torch through the decoders, boto3) are imported where they
 are used, so the registry stays cheap to import: the CLI's help and the config
 check read it.
 """
