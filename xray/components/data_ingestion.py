@@ -11,19 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, replace
-from pathlib import Path
-
-import numpy as np
 
 from xray.data.grouping import Grouper
-from xray.data.snapshot import load_npz_split
 from xray.data.sources.base import Place, Scan, Snapshot
-from xray.data.sources.local import local_path
 from xray.data.sources.registry import source_for
-from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, Item, SourceObject, UnreadableFile
+from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, Item
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
 from xray.evaluation.operating_point import positive_indices
@@ -34,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = "data_ingestion"
 CACHED = False  # a URI may hold other data tomorrow: always read it
-NPZ_SPLITS = ("train", "val", "test")
 
 
 def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
@@ -91,28 +84,10 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
 
 
 def _take(uri: str, config: PipelineConfig, place: Place) -> tuple[str, Snapshot, Scan]:
-    """(kind, snapshot, scan) from the source the registry chooses; an .npz is still read here."""
-    if (path := local_path(uri)) is not None and path.is_file():
-        root, kind, dataset_path, _ = _snapshot(uri)
-        return kind, Snapshot(root, copied=False), Scan(*_scan_npz(root, config.ingestion.class_names))
+    """(kind, snapshot, scan) from the source the registry chooses for the URI."""
     source = source_for(uri)
     snapshot = source.snapshot(uri, config.ingestion, place)
     return source.kind, snapshot, source.scan(snapshot, config.ingestion)
-
-
-def _snapshot(uri: str) -> tuple[Path, str, str, tuple[SourceObject, ...]]:
-    try:  # '~nosuchuser' raises RuntimeError, a 300-character name OSError: both are just not there
-        root = Path(uri).expanduser()
-        found = root.exists()
-    except (RuntimeError, OSError, ValueError):
-        found = False
-    if not found:
-        raise DataError(f"data source not found: {uri}")
-    root = root.resolve()
-    kind = "npz" if root.is_file() else "folder"
-    if kind == "npz" and root.suffix != ".npz":
-        raise DataError(f"{uri} is a file but not an .npz archive")
-    return root, kind, str(root), ()
 
 
 def _found(config: PipelineConfig, class_names: list[str], items: list[Item]) -> dict[str, object]:
@@ -143,49 +118,6 @@ def _report_leakage(leakage: tuple[DuplicateGroup, ...], group_leakage: tuple[Gr
         if policy == "fail":
             raise DataError(f"leakage: {message} (set ingestion.leakage=warn to continue)")
         logger.warning("leakage: %s", message)
-
-
-# ------------------------------------------------------------------ .npz
-
-
-def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str], list[UnreadableFile], int]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path} is not a readable .npz archive: {exc}") from None
-    with archive:
-        keys = set(archive.files)
-        if "train_images" not in keys or "train_labels" not in keys:
-            raise DataError(f"{path} lacks train_images/train_labels (has: {', '.join(sorted(keys)) or 'nothing'})")
-        label_values: set[int] = set()
-        per_split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for split in NPZ_SPLITS:
-            if f"{split}_images" not in keys and f"{split}_labels" not in keys:
-                continue
-            if f"{split}_images" not in keys or f"{split}_labels" not in keys:
-                raise DataError(f"{path}: {split}_images and {split}_labels must come together")
-            try:
-                images, labels = load_npz_split(archive, split)
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-                raise DataError(f"{path}: cannot read {split} arrays: {exc}") from None
-            if len(images) != len(labels):
-                raise DataError(f"{path}: {split}_images has {len(images)} entries but {split}_labels has {len(labels)}")
-            per_split[split] = (images, labels)
-            label_values |= set(labels.tolist())
-        stored_names = tuple(str(n) for n in archive["class_names"].tolist()) if "class_names" in keys else ()
-    if min(label_values) < 0:
-        raise DataError(f"{path}: labels must be non-negative integers")
-    count = max(label_values) + 1
-    class_names = list(names or stored_names or tuple(f"class_{i}" for i in range(count)))
-    if len(class_names) < count:
-        raise DataError(f"{path}: labels go up to {count - 1} but only {len(class_names)} class names are given")
-    items = []
-    median_side = min(per_split["train"][0].shape[1:3])
-    for split, (images, labels) in per_split.items():
-        for index in range(len(images)):
-            digest = hashlib.sha256(np.ascontiguousarray(images[index]).tobytes()).hexdigest()
-            items.append(Item(split=split, label=class_names[int(labels[index])], ref=f"{split}:{index}", sha256=digest))
-    return items, class_names, [], median_side
 
 
 # ------------------------------------------------------------------ checks
