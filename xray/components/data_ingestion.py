@@ -1,9 +1,11 @@
 """Stage 1: take a dataset snapshot from a URI, validate it, record exactly what was taken.
 
-Sources: ``demo`` (synthetic phantoms, generated into the run), a local folder
+The source is chosen from the URI by one registry (xray/data/sources/registry.py):
+``demo`` (synthetic phantoms, generated into the run), a local folder
 (``CLASS/…`` or ``train|val|test/CLASS/…``), a MedMNIST-style ``.npz``, or
 ``s3://bucket/prefix`` (mirrored incrementally, then hard-linked into the run
-so the snapshot cannot change under it).
+so the snapshot cannot change under it). This stage adds what every source
+shares: patient groups, class counts, duplicates and leakage, the artifact.
 """
 
 from __future__ import annotations
