@@ -10,6 +10,12 @@ that takes it, so ``demo`` comes before the local paths, and among local
 paths a source of one kind of file comes before ``npz``, which takes every
 other file (to say it is not an ``.npz``). Help and messages list the
 sources in this order.
+
+A source made of other sources (a manifest listing several ``{uri,
+classes}``) must not import this module (the import graph would have a
+cycle): its entry hands it the lookups it needs, e.g.
+``ManifestSource(lambda uri: source_for(uri))``, and it names each film's
+source in ``Item.metadata["source"]``.
 """
 
 from __future__ import annotations
