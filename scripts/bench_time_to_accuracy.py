@@ -116,7 +116,7 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     import numpy as np
 
     from xray.entity.artifact_entity import DataTransformationArtifact, ModelEvaluationArtifact, ModelTrainerArtifact
-    from xray.data.preprocessing import load_for_model
+    from xray.data.preprocessing import load_for_model, preprocessing_of
     from xray.serving.serving_model import ModelSpec, load_model_dir, write_model_dir
     from xray.pipeline.store import load_typed, sha256_file
 
@@ -126,7 +126,7 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     best = evaluation.chosen()
     checkpoint = run_dir / evaluation.best_checkpoint
     trained_size = trainer.architecture_input["image_size"]  # the time budget may have shrunk the image
-    spec = ModelSpec(best.name, transformation.class_names, transformation.preprocessing(trained_size), run_dir.name, "",
+    spec = ModelSpec(best.name, transformation.class_names, preprocessing_of(transformation, trained_size), run_dir.name, "",
                      sha256_file(checkpoint), {}, members=best.members, tta=best.tta)
     model_dir.mkdir(parents=True)
     write_model_dir(model_dir, spec, checkpoint)

@@ -56,7 +56,7 @@ def folder_pixels(root: Path, size: int, class_names: tuple[str, ...], limit: in
 def npz_pixels(path: Path, split: str, size: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
-    from xray.data.snapshot import load_npz_split
+    from xray.data.sources.npz import load_npz_split
 
     with np.load(path, allow_pickle=False) as archive:
         images, labels = load_npz_split(archive, split)

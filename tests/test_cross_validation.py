@@ -13,7 +13,7 @@ import torch
 
 from xray.components.model_pusher import model_spec
 from xray.serving.inference import predict_proba
-from xray.models.builders import Ensemble
+from xray.models.builders import Ensemble, load_candidate
 from xray.serving.serving_model import load_model_dir, write_model_dir
 from xray.training import cross_validation
 from xray.components.model_evaluation import choose_best, cross_validation_stats
@@ -21,7 +21,7 @@ from xray.training.fit import TrainingData
 from xray.entity.artifact_entity import CandidateEvaluation, ClassMetrics, SplitMetrics
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
 from xray.errors import DataError
-from xray.data.preprocessing import Preprocessing
+from xray.data.preprocessing import Preprocessing, preprocessing_of
 from xray.pipeline.store import load_manifest, load_stage_artifact
 
 from .conftest import run_cli, tiny_args
@@ -180,7 +180,7 @@ def test_the_final_model_is_the_k_fold_bag_and_serves_as_one(cv_run: tuple[Path,
     run_dir = artifacts / run_id
     (candidate,) = trainer.candidates
     assert candidate.members == ("simple_cnn",) * K
-    bag = candidate.load(run_dir, len(transformation.class_names))
+    bag = load_candidate(candidate, run_dir, len(transformation.class_names))
     assert isinstance(bag, Ensemble) and len(bag.members) == K
     weights = [next(iter(m.state_dict().values())) for m in bag.members]
     assert not torch.equal(weights[0], weights[1]), "each fold trained its own model"
@@ -190,7 +190,7 @@ def test_the_final_model_is_the_k_fold_bag_and_serves_as_one(cv_run: tuple[Path,
     write_model_dir(tmp_path / "model", spec, run_dir / evaluation.best_checkpoint)
     served = load_model_dir(tmp_path / "model", "fp32")
     pixels = transformation.load_array(run_dir, "val_x")[:8]
-    preprocessing = transformation.preprocessing(evaluation.image_size)
+    preprocessing = preprocessing_of(transformation, evaluation.image_size)
     mean_of_folds = np.mean([predict_proba(m, pixels, preprocessing, torch.device("cpu"), tta=spec.tta) for m in bag.members], axis=0)
     assert served.predict_proba(pixels) == pytest.approx(mean_of_folds, abs=1e-5)
 

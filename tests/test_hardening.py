@@ -310,8 +310,10 @@ def test_settings_read_roots_admin_tokens_and_limits(tmp_path: Path) -> None:
         "XRAY_MAX_JSON_BYTES": "1000",
     }
     settings = AppSettings.from_env(env, cwd=tmp_path)
-    assert settings.data_roots == (tmp_path / "a", tmp_path / "b", tmp_path / "relative")
-    assert settings.data_buckets == ("one", "two")
+    assert settings.data_allowed == {  # one entry per allowlist the data sources declare
+        "XRAY_DATA_ROOTS": tuple(str(tmp_path / name) for name in ("a", "b", "relative")),
+        "XRAY_DATA_BUCKETS": ("one", "two"),
+    }
     assert settings.tokens.admin == ("file-admin-token-0123456789",)
     assert settings.max_json_bytes == 1000
     for name, value in (("XRAY_MAX_JSON_BYTES", "0"), ("XRAY_AUTH_MAX_FAILURES", "-1"), ("XRAY_AUTH_WINDOW_S", "soon")):

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from xray.api.jobs import JobManager
 from xray.api.settings import AppSettings, Tokens
 from xray.audit.ledger import LEDGER, canonical
-from xray.audit.seal import EVIDENCE_SEAL, SEAL
-from xray.pipeline.store import RunDir, load_manifest, mark_orphaned
+from xray.audit.seal import EVIDENCE_SEAL, SEAL, mark_orphaned
+from xray.pipeline.store import RunDir, load_manifest
 
 from .conftest import REPO, TINY, run_cli
 

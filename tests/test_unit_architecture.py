@@ -1,4 +1,5 @@
-"""The layout is the contract: stages meet only through artifacts, and the package has no import cycle."""
+"""The layout is the contract: one declared table of which package may import which, stages meet only
+through artifacts, and the package has no import cycle."""
 
 from __future__ import annotations
 
@@ -9,6 +10,98 @@ from xray.codegraph import PACKAGE_DIR, find_cycle, import_graph
 from xray.pipeline.training_pipeline import STAGES
 
 COMPONENTS = "xray.components"
+
+# The global modules: anything may import them, and they import only each other.
+GLOBAL = ("xray", "xray.errors", "xray.typed", "xray.capability", "xray.codegraph", "xray.ports")
+RECORDS = ("xray.entity", *GLOBAL)
+BELOW_STAGES = (
+    *RECORDS, "xray.data", "xray.models", "xray.config", "xray.pipeline", "xray.evaluation", "xray.audit",
+    "xray.serving", "xray.training",
+)
+
+# unit -> the units its modules may import (besides their own unit). A module belongs to the longest unit
+# naming it or a package above it; a module of no declared unit fails the test, so a new one is placed here.
+# Read bottom-up: every unit lists only units above it in this table, which the test checks (no cycle).
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "xray": (),  # the package root: its version only
+    "xray.errors": (),
+    "xray.typed": (),
+    "xray.codegraph": (),
+    "xray.ports": (),
+    "xray.capability": ("xray.typed",),
+    "xray.entity": ("xray.errors", "xray.typed"),  # records only: no torch, no loaders, no stage
+    "xray.data": RECORDS,
+    "xray.models": ("xray.entity", "xray.errors"),
+    "xray.config": (*RECORDS, "xray.data"),  # the YAML loader checks names the data layer defines
+    "xray.pipeline": RECORDS,  # store, stage and run ids; the orchestrator is its own unit below
+    "xray.evaluation": (*RECORDS, "xray.models", "xray.data"),
+    "xray.audit": (*RECORDS, "xray.pipeline", "xray.config"),  # runs are read through the store
+    "xray.serving": (*RECORDS, "xray.models", "xray.data", "xray.evaluation", "xray.audit"),
+    "xray.training": (*RECORDS, "xray.models", "xray.data", "xray.evaluation", "xray.serving", "xray.config"),
+    COMPONENTS: BELOW_STAGES,  # and never one another (tested below)
+    "xray.pipeline.training_pipeline": (*BELOW_STAGES, COMPONENTS),
+    "xray.tracking": (*BELOW_STAGES, COMPONENTS),  # exports a finished run: the pusher's model spec
+    "xray.cli": (*BELOW_STAGES, "xray.pipeline.training_pipeline", "xray.tracking"),
+    "xray.__main__": ("xray.cli",),
+    "xray.api": (*BELOW_STAGES, "xray.pipeline.training_pipeline", "xray.cli"),  # the worker runs the CLI
+}
+
+
+def unit_of(module: str) -> str | None:
+    """The declared unit a module belongs to: the longest one naming it or a package above it."""
+    named = [u for u in MAY_IMPORT if module == u or (u != "xray" and module.startswith(u + "."))]
+    return max(named, key=len) if named else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import the table does not allow, as 'importer -> imported', lazy ones included."""
+    found = []
+    for module in sorted(graph):
+        unit = unit_of(module)
+        for imported in sorted(graph[module]):
+            target = unit_of(imported)
+            if target != unit and target not in MAY_IMPORT.get(unit or "", ()):
+                found.append(f"{module} -> {imported}")
+    return found
+
+
+def test_every_module_has_a_declared_layer() -> None:
+    assert not [m for m in import_graph() if unit_of(m) is None]
+
+
+def test_the_declared_layers_have_no_cycle() -> None:
+    table = {unit: set(allowed) - {unit} for unit, allowed in MAY_IMPORT.items()}
+    assert find_cycle(table) is None
+    assert all(set(allowed) <= set(MAY_IMPORT) for allowed in MAY_IMPORT.values())
+
+
+def test_no_module_imports_upward() -> None:
+    """Every import statement, including those inside functions and under TYPE_CHECKING, follows the table."""
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_can_fail() -> None:
+    """A record importing a stage, or the store importing audit lazily, is found."""
+    graph = {
+        "xray.entity.artifact_entity": {"xray.models.builders", "xray.errors"},
+        "xray.pipeline.store": {"xray.audit.seal", "xray.entity.artifact_entity"},
+        "xray.audit.seal": {"xray.pipeline.store"},
+    }
+    assert upward_imports(graph) == ["xray.entity.artifact_entity -> xray.models.builders", "xray.pipeline.store -> xray.audit.seal"]
+
+
+def test_each_package_docstring_names_what_it_may_import() -> None:
+    """The docstrings of the domain packages say what the table allows them (the global modules go unnamed)."""
+    for package in ("data", "models", "evaluation", "serving", "audit", "pipeline", "training"):
+        doc = " ".join((ast.get_docstring(ast.parse((PACKAGE_DIR / package / "__init__.py").read_text())) or "").split())
+        unit = f"xray.{package}"
+        named = [u for u in MAY_IMPORT[unit] if u not in GLOBAL]
+        assert [u for u in named if f"``{u}" not in doc] == [], unit
+
+
+def test_the_top_level_holds_only_global_modules() -> None:
+    modules = sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert len(modules) <= 8, modules
 
 
 def test_no_component_imports_another_component() -> None:

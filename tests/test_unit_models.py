@@ -12,6 +12,7 @@ from torchvision import models as tv_models
 from xray.entity.config_entity import CANDIDATES
 from xray.errors import ConfigError
 from xray.models.builders import (
+    ARCHITECTURES,
     Ensemble,
     SimpleCNN,
     build_ensemble,
@@ -24,6 +25,26 @@ from xray.models.builders import (
 )
 
 DENSENETS = [name for name in CANDIDATES if name != "simple_cnn"]
+
+
+def test_the_config_names_exactly_the_builders_table() -> None:
+    """CANDIDATES lives in a module free of torch; the table is the truth, and the two stay equal."""
+    assert tuple(ARCHITECTURES) == CANDIDATES
+    assert all(name == a.name and a.in_channels == 1 for name, a in ARCHITECTURES.items())
+
+
+@pytest.mark.parametrize("name", CANDIDATES)
+def test_every_built_candidate_finds_its_table_entry(name: str) -> None:
+    model = build_model(name, num_classes=2)
+    assert isinstance(model, ARCHITECTURES[name].model_type)
+    layer = gradcam_target_layers(model)
+    assert layer == [ARCHITECTURES[name].gradcam_layer(model)] and isinstance(layer[0], nn.BatchNorm2d)
+    assert next(model.parameters()).shape[1] == ARCHITECTURES[name].in_channels  # the stem takes one channel
+
+
+def test_a_model_outside_the_table_has_no_gradcam_layer() -> None:
+    with pytest.raises(ValueError, match="no Grad-CAM target layer is known for a Linear"):
+        gradcam_target_layers(nn.Linear(2, 2))
 
 
 def parameters_of(model: nn.Module) -> int:

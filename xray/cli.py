@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from xray.config import DEFAULT_CONFIG_PATH, load_config
+from xray.data.sources import registry
 from xray.typed import to_jsonable
 from xray.errors import XrayError
 from xray.entity.config_entity import PushConfig
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train(sub: Any) -> None:
     train = sub.add_parser("train", help="run the whole pipeline and print the run id")
     train.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG_PATH} if present)")
-    train.add_argument("--data", default=None, help="dataset URI: demo, a folder, an .npz, or s3://bucket/prefix")
+    train.add_argument("--data", default=None, help=f"dataset URI: {registry.spelled()}")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                        help="override config values (one or more pairs, flag repeatable), e.g. --set trainer.epochs=5 trainer.seed=1")
     train.add_argument("--run-id", default=None, help=argparse.SUPPRESS)

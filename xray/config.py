@@ -15,6 +15,8 @@ import yaml
 from xray.entity.config_entity import CANDIDATES, PipelineConfig
 from xray.errors import ConfigError
 from xray.data.grouping import patient_pattern
+from xray.data.sources.folder import FolderSource
+from xray.data.sources.registry import source_for
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 DEFAULT_CONFIG_PATH = Path("config/pipeline.yaml")
@@ -164,7 +166,7 @@ def _validate_evaluation(config: PipelineConfig) -> None:
         if ev.external_classes:
             raise ConfigError("config: evaluation.external_classes is set but evaluation.external is not")
         return
-    if ev.external.startswith("s3://") or not Path(ev.external).is_dir():
+    if not Path(ev.external).is_dir() or source_for(ev.external).kind != FolderSource.kind:
         raise ConfigError(f"config: evaluation.external must be a local folder of CLASS/ subfolders, got {ev.external!r}")
     if len(ev.external_classes) < 2:
         raise ConfigError(

@@ -38,7 +38,8 @@ from xray.api.worker import START
 from xray.config import config_to_dict, load_config
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import ConfigError, RunError
-from xray.pipeline.store import MANIFEST, RunDir, RunManifest, list_runs, load_manifest, mark_orphaned
+from xray.audit.seal import mark_orphaned
+from xray.pipeline.store import MANIFEST, RunDir, RunManifest, list_runs, load_manifest
 
 logger = logging.getLogger(__name__)
 

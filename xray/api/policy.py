@@ -15,12 +15,10 @@ is never training data.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from xray.api.settings import AppSettings
-from xray.errors import DataError, SourceError
-from xray.data.sources.s3 import parse_s3_uri
+from xray.data.sources import registry
+from xray.data.sources.base import Allowed
+from xray.errors import DataError
 
 # Overrides a train token may send; everything else needs an admin token.
 TRAIN_OVERRIDES = (
@@ -33,7 +31,6 @@ TRAIN_OVERRIDES = (
     "transformation.image_size",
     "transformation.seed",
 )
-DEMO = "demo"
 
 
 class Forbidden(Exception):
@@ -59,10 +56,7 @@ def check_overrides(overrides: list[str], admin: bool) -> None:
 
 
 # One message for every refused location, so an answer never tells an existing path from a missing one.
-OUTSIDE = (
-    "data is outside the data this service may read "
-    "(the folders in XRAY_DATA_ROOTS, the buckets in XRAY_DATA_BUCKETS, or 'demo')"
-)
+OUTSIDE = registry.outside()
 
 
 def confine_data_uri(uri: str, settings: AppSettings) -> str:
@@ -70,31 +64,7 @@ def confine_data_uri(uri: str, settings: AppSettings) -> str:
     uri = uri.strip()
     if "\x00" in uri:
         raise DataError("data URI must not contain NUL bytes")
-    if uri == DEMO:
-        return uri
-    if uri.startswith("s3://"):
-        try:
-            bucket, _ = parse_s3_uri(uri)
-        except SourceError as exc:
-            raise DataError(str(exc)) from None
-        if bucket not in settings.data_buckets:
-            raise Forbidden(OUTSIDE)
-        return uri
-    if "://" in uri:
-        raise DataError(f"unsupported data URI {uri!r}: use demo, a server-side path, or s3://bucket/prefix")
-    # No '~' expansion: a user's home is not a data root, and '~nosuchuser' would raise.
-    path = Path(uri)
-    resolved = Path(os.path.realpath(path if path.is_absolute() else settings.workdir / path))
-    inside = any(resolved == root or resolved.is_relative_to(root) for root in settings.data_roots)
-    if not inside or resolved.is_relative_to(settings.artifacts_dir):
+    confined = registry.confine(uri, Allowed(settings.workdir, settings.artifacts_dir, settings.data_allowed))
+    if confined is None:
         raise Forbidden(OUTSIDE)
-    try:
-        exists = resolved.exists()
-        usable = resolved.is_dir() or (resolved.suffix == ".npz" and resolved.is_file())
-    except OSError:
-        exists = usable = False
-    if not exists:
-        raise DataError(f"data path does not exist on the server: {uri}")
-    if not usable:
-        raise DataError(f"data path must be a folder or an .npz file: {uri}")
-    return str(resolved)
+    return confined

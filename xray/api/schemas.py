@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from xray.api.policy import TRAIN_OVERRIDES
+from xray.data.sources import registry
 
 
 class TrainRequest(BaseModel):
@@ -15,8 +16,7 @@ class TrainRequest(BaseModel):
     data: str | None = Field(
         None,
         max_length=4096,
-        description="dataset URI: demo, a folder or .npz path under the server's XRAY_DATA_ROOTS, or "
-        "s3://bucket/prefix in XRAY_DATA_BUCKETS (default: the config's data_uri); elsewhere: 403",
+        description=f"dataset URI: {registry.served()} (default: the config's data_uri); elsewhere: 403",
         examples=["demo"],
     )
     overrides: list[str] = Field(

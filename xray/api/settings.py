@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from xray.config import DEFAULT_CONFIG_PATH, load_config
+from xray.data.sources.base import Allowlist
+from xray.data.sources.registry import allowlists
 from xray.entity.config_entity import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MODEL_NAME
 from xray.errors import ConfigError
 
@@ -45,8 +47,9 @@ class AppSettings:
     cookie_secure: bool = False  # set when served over https, so the login cookie never goes out in clear
     session_hours: int = 8
     exclusive_artifacts: bool = False  # only this service (on this host) runs training into the artifacts root
-    data_roots: tuple[Path, ...] = ()  # local folders POST /train may read; none: only the demo data
-    data_buckets: tuple[str, ...] = ()  # S3 buckets POST /train may read
+    # what POST /train may read, per allowlist the data sources declare (XRAY_DATA_ROOTS: local folders,
+    # XRAY_DATA_BUCKETS: S3 buckets); none set: only the demo data
+    data_allowed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     max_json_bytes: int = 64 * 1024  # any request body that is not a multipart upload
     auth_max_failures: int = 10  # failed token attempts per client within auth_window_s before 429
     auth_window_s: int = 60
@@ -82,8 +85,7 @@ class AppSettings:
             max_upload_bytes=_positive_int(env, "XRAY_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             cookie_secure=_flag(env.get("XRAY_COOKIE_SECURE")),
             exclusive_artifacts=_flag(env.get("XRAY_EXCLUSIVE_ARTIFACTS")),
-            data_roots=tuple(_absolute(Path(p), cwd) for p in _split(env.get("XRAY_DATA_ROOTS"), ",:")),
-            data_buckets=tuple(_split(env.get("XRAY_DATA_BUCKETS"))),
+            data_allowed={a.env: _allowlist(env.get(a.env), a, cwd) for a in allowlists()},
             max_json_bytes=_positive_int(env, "XRAY_MAX_JSON_BYTES", cls.max_json_bytes),
             auth_max_failures=_positive_int(env, "XRAY_AUTH_MAX_FAILURES", cls.auth_max_failures),
             auth_window_s=_positive_int(env, "XRAY_AUTH_WINDOW_S", cls.auth_window_s),
@@ -93,6 +95,13 @@ class AppSettings:
 def _absolute(path: Path, cwd: Path) -> Path:
     path = path.expanduser()
     return (path if path.is_absolute() else cwd / path).resolve()
+
+
+def _allowlist(value: str | None, allowlist: Allowlist, cwd: Path) -> tuple[str, ...]:
+    """An allowlist's entries: folders (colon- or comma-separated) made absolute, or names (comma-separated)."""
+    if allowlist.folders:
+        return tuple(str(_absolute(Path(p), cwd)) for p in _split(value, ",:"))
+    return tuple(_split(value))
 
 
 def _flag(value: str | None) -> bool:

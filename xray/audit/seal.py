@@ -24,6 +24,7 @@ import errno
 import hashlib
 import json
 import os
+import logging
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -35,6 +36,7 @@ from xray.errors import RunError
 from xray.audit.keys import SigningKey, VerifyKey, load_public_key, load_signing_key
 from xray.audit.ledger import canonical
 from xray.pipeline.run_ids import check_run_id
+from xray.pipeline.store import RunDir, RunManifest, load_manifest, recorded_hash_problems, utc_now
 
 SEAL = "seal.json"
 EVIDENCE_SEAL = "model_pusher/evidence_seal.json"
@@ -42,6 +44,8 @@ FORMAT = "xray-seal/1"
 # Written after the evidence seal by design (status, log lines): the final seal covers them.
 LIVE_FILES = frozenset({"manifest.json", "run.log", "worker.log"})
 UNSEALED_STATUSES = ("queued", "running")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,27 @@ def seal_evidence(root: Path, run_id: str, sealed_at: str) -> str:
     document = _write_seal(run_path / EVIDENCE_SEAL, body, key)
     ledger.append(root, key, run_id, "pre-push", document.digest, sealed_at)
     return document.digest
+
+
+def finish_run(run: RunDir, status: str, reason: str | None = None, summary: dict[str, Any] | None = None) -> str:
+    """End a run: record its end in the store (read-only from now on), then seal it; returns the seal's digest."""
+    run.close(status, reason, summary)
+    problems = recorded_hash_problems(run.root, run.run_id)
+    return seal_run(run.root, run.run_id, run.manifest.status, utc_now(), problems)
+
+
+def mark_orphaned(root: Path, run_id: str, reason: str) -> RunManifest:
+    """Mark a queued or running run failed because its process is gone (killed, crashed, host rebooted).
+
+    Only the caller can know the process is gone; a finished run is returned unchanged.
+    """
+    manifest = load_manifest(root, run_id)
+    if manifest.status not in ("queued", "running"):
+        return manifest
+    run = RunDir(root, manifest)
+    finish_run(run, "failed", reason=reason)
+    logger.warning("run %s marked failed: %s", run_id, reason)
+    return run.manifest
 
 
 def seal_run(root: Path, run_id: str, status: str, sealed_at: str, recorded_problems: list[str]) -> str:

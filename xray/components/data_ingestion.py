@@ -1,9 +1,11 @@
 """Stage 1: take a dataset snapshot from a URI, validate it, record exactly what was taken.
 
-Sources: ``demo`` (synthetic phantoms, generated into the run), a local folder
+The source is chosen from the URI by one registry (xray/data/sources/registry.py):
+``demo`` (synthetic phantoms, generated into the run), a local folder
 (``CLASS/…`` or ``train|val|test/CLASS/…``), a MedMNIST-style ``.npz``, or
 ``s3://bucket/prefix`` (mirrored incrementally, then hard-linked into the run
-so the snapshot cannot change under it).
+so the snapshot cannot change under it). This stage adds what every source
+shares: patient groups, class counts, duplicates and leakage, the artifact.
 """
 
 from __future__ import annotations
@@ -11,33 +13,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import zipfile
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
-from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, Item, SourceObject, UnreadableFile
+from xray.data.grouping import Grouper
+from xray.data.sources.base import Place, Scan, Snapshot
+from xray.data.sources.registry import source_for
+from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, GroupLeak, Item
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
-from xray.data.grouping import Grouper
 from xray.evaluation.operating_point import positive_indices
-from xray.data.preprocessing import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageDecodeError, decode_grayscale, open_image
-from xray.data.snapshot import load_npz_split
 from xray.pipeline.stage import Inputs, StageContext
-from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
+from xray.pipeline.store import fingerprint as fingerprint_of, new_header, stage_code_hash
 
 logger = logging.getLogger(__name__)
 
 STAGE = "data_ingestion"
 CACHED = False  # a URI may hold other data tomorrow: always read it
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-NPZ_SPLITS = ("train", "val", "test")
 
 
 def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
@@ -51,12 +43,10 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
     uri = config.data_uri.strip()
     grouper = Grouper.from_config(config.ingestion.group_by, config.ingestion.metadata_csv)
     out = run_dir.stage_dir(STAGE)
-    root, kind, dataset_path, s3_objects = _snapshot(uri, config, run_dir, out)
-    if kind == "npz":
-        items, class_names, unreadable, median_side = _scan_npz(root, config.ingestion.class_names)
-    else:
-        items, class_names, unreadable, median_side = _scan_folder(root)
-    items = _with_groups(items, grouper)
+    kind, snapshot, scan = _take(uri, config, Place(out, run_dir.root))
+    class_names, unreadable = scan.class_names, scan.unreadable
+    dataset_path = run_dir.relative(snapshot.root) if snapshot.copied else str(snapshot.root)
+    items = _with_groups(scan.items, grouper)
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
     # the configured operating point must name classes that exist: a typo fails now, not after training
@@ -75,8 +65,8 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
         "\n".join(sorted(f"{i.split}\t{i.label}\t{i.sha256}" for i in items)).encode()
     ).hexdigest()
     files = [index_file]
-    if kind in ("demo", "s3"):
-        files += [p for p in (run_dir.path / dataset_path).rglob("*") if p.is_file()]
+    if snapshot.copied:
+        files += [p for p in snapshot.root.rglob("*") if p.is_file()]
     splits_given = tuple(s for s in ("train", "val", "test") if s in counts)
     logger.info(
         "ingested %d images in %d classes from %s (%s); splits given: %s",
@@ -87,37 +77,19 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
         header=new_header(run_dir, DataIngestionArtifact, STAGE, found_fp, files=files),
         source_uri=uri, source_kind=kind, dataset_path=dataset_path, class_names=tuple(class_names),
         splits_given=splits_given, counts=counts, num_images=len(items), data_fingerprint=data_fp,
-        index_file=run_dir.relative(index_file), median_image_side=median_side, unreadable=tuple(unreadable),
-        duplicates=duplicates, leakage=leakage, s3_objects=s3_objects, grouping=grouper.describe(),
+        index_file=run_dir.relative(index_file), median_image_side=scan.median_side, unreadable=tuple(unreadable),
+        duplicates=duplicates, leakage=leakage, s3_objects=snapshot.objects, grouping=grouper.describe(),
         num_groups=len({i.group or i.sha256 for i in items}), group_leakage=group_leakage,
         metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
         dicom_images=sum(1 for i in items if i.dicom is not None),
     )
 
 
-def _snapshot(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, str, str, tuple[SourceObject, ...]]:
-    """(dataset root, kind, the artifact's dataset_path, S3 objects): demo and S3 data are copied into the run."""
-    if uri == "demo":
-        from xray.data.demo_data import generate_demo_dataset
-
-        root = out / "snapshot"
-        generate_demo_dataset(root, images_per_class=config.ingestion.demo_images_per_class)
-        return root, "demo", run_dir.relative(root), ()
-    if uri.startswith("s3://"):
-        root, s3_objects = _snapshot_s3(uri, config, run_dir, out)
-        return root, "s3", run_dir.relative(root), s3_objects
-    try:  # '~nosuchuser' raises RuntimeError, a 300-character name OSError: both are just not there
-        root = Path(uri).expanduser()
-        found = root.exists()
-    except (RuntimeError, OSError, ValueError):
-        found = False
-    if not found:
-        raise DataError(f"data source not found: {uri}")
-    root = root.resolve()
-    kind = "npz" if root.is_file() else "folder"
-    if kind == "npz" and root.suffix != ".npz":
-        raise DataError(f"{uri} is a file but not an .npz archive")
-    return root, kind, str(root), ()
+def _take(uri: str, config: PipelineConfig, place: Place) -> tuple[str, Snapshot, Scan]:
+    """(kind, snapshot, scan) from the source the registry chooses for the URI."""
+    source = source_for(uri)
+    snapshot = source.snapshot(uri, config.ingestion, place)
+    return source.kind, snapshot, source.scan(snapshot, config.ingestion)
 
 
 def _found(config: PipelineConfig, class_names: list[str], items: list[Item]) -> dict[str, object]:
@@ -148,117 +120,6 @@ def _report_leakage(leakage: tuple[DuplicateGroup, ...], group_leakage: tuple[Gr
         if policy == "fail":
             raise DataError(f"leakage: {message} (set ingestion.leakage=warn to continue)")
         logger.warning("leakage: %s", message)
-
-
-# ------------------------------------------------------------------ folders
-
-
-def _scan_folder(root: Path) -> tuple[list[Item], list[str], list[UnreadableFile], int]:
-    top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not top:
-        raise DataError(f"{root} holds no class folders (expected CLASS/… or train/CLASS/…)")
-    split_layout = all(p.name.lower() in SPLIT_NAMES for p in top)
-    if split_layout and not any(SPLIT_NAMES[p.name.lower()] == "train" for p in top):
-        raise DataError(f"{root} has split folders but no train/ folder")
-    candidates: list[tuple[str, str, Path]] = []  # split, label, path
-    for split_dir in top if split_layout else [root]:
-        split = SPLIT_NAMES[split_dir.name.lower()] if split_layout else "all"
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for path in sorted(class_dir.rglob("*")):
-                if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
-                    candidates.append((split, class_dir.name, path))
-    if not candidates:
-        raise DataError(f"{root} holds no PNG, JPEG or DICOM images")
-
-    sides: dict[str, int] = {}
-
-    def check(entry: tuple[str, str, Path]) -> Item | UnreadableFile:
-        split, label, path = entry
-        ref = path.relative_to(root).as_posix()
-        dicom = None
-        try:
-            if path.suffix.lower() in DICOM_SUFFIXES:  # decoded in full: a syntax without a decoder shows here
-                pixels, info = decode_grayscale(path)
-                sides[ref] = min(pixels.shape)
-                dicom = asdict(info) if info is not None else None
-            else:
-                image = open_image(path, draft_size=64, keep_size=True)
-                sides[ref] = min(image.info["xray_original_size"])
-        except ImageDecodeError as exc:
-            return UnreadableFile(path=ref, reason=str(exc))
-        return Item(split=split, label=label, ref=ref, sha256=sha256_file(path), dicom=dicom)
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        results = list(tqdm(pool.map(check, candidates), total=len(candidates), desc="validate", unit="img", leave=False, disable=None))
-    items = [r for r in results if isinstance(r, Item)]
-    unreadable = [r for r in results if isinstance(r, UnreadableFile)]
-    class_names = sorted({i.label for i in items} | {label for _, label, _ in candidates})
-    median_side = int(np.median(list(sides.values()))) if sides else 0
-    return items, class_names, unreadable, median_side
-
-
-# ------------------------------------------------------------------ .npz
-
-
-def _scan_npz(path: Path, names: tuple[str, ...]) -> tuple[list[Item], list[str], list[UnreadableFile], int]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path} is not a readable .npz archive: {exc}") from None
-    with archive:
-        keys = set(archive.files)
-        if "train_images" not in keys or "train_labels" not in keys:
-            raise DataError(f"{path} lacks train_images/train_labels (has: {', '.join(sorted(keys)) or 'nothing'})")
-        label_values: set[int] = set()
-        per_split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for split in NPZ_SPLITS:
-            if f"{split}_images" not in keys and f"{split}_labels" not in keys:
-                continue
-            if f"{split}_images" not in keys or f"{split}_labels" not in keys:
-                raise DataError(f"{path}: {split}_images and {split}_labels must come together")
-            try:
-                images, labels = load_npz_split(archive, split)
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-                raise DataError(f"{path}: cannot read {split} arrays: {exc}") from None
-            if len(images) != len(labels):
-                raise DataError(f"{path}: {split}_images has {len(images)} entries but {split}_labels has {len(labels)}")
-            per_split[split] = (images, labels)
-            label_values |= set(labels.tolist())
-        stored_names = tuple(str(n) for n in archive["class_names"].tolist()) if "class_names" in keys else ()
-    if min(label_values) < 0:
-        raise DataError(f"{path}: labels must be non-negative integers")
-    count = max(label_values) + 1
-    class_names = list(names or stored_names or tuple(f"class_{i}" for i in range(count)))
-    if len(class_names) < count:
-        raise DataError(f"{path}: labels go up to {count - 1} but only {len(class_names)} class names are given")
-    items = []
-    median_side = min(per_split["train"][0].shape[1:3])
-    for split, (images, labels) in per_split.items():
-        for index in range(len(images)):
-            digest = hashlib.sha256(np.ascontiguousarray(images[index]).tobytes()).hexdigest()
-            items.append(Item(split=split, label=class_names[int(labels[index])], ref=f"{split}:{index}", sha256=digest))
-    return items, class_names, [], median_side
-
-
-# ------------------------------------------------------------------ S3
-
-
-def _snapshot_s3(uri: str, config: PipelineConfig, run_dir: RunDir, out: Path) -> tuple[Path, tuple[SourceObject, ...]]:
-    from xray.data.sources.s3 import S3Settings, mirror_dir_for, sync_prefix
-
-    settings = S3Settings.from_config(config.ingestion.s3)
-    mirror = mirror_dir_for(run_dir.root / ".s3-mirror", uri, settings)
-    records = sync_prefix(uri, mirror, settings)
-    snapshot = out / "snapshot"
-    for record in records:
-        dest = snapshot / record.relative_path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(mirror / record.relative_path, dest)
-        except OSError:
-            shutil.copy2(mirror / record.relative_path, dest)
-    objects = tuple(SourceObject(key=r.key, size=r.size, etag=r.etag, sha256=r.sha256) for r in records)
-    return snapshot, objects
 
 
 # ------------------------------------------------------------------ checks
@@ -294,7 +155,7 @@ def _with_groups(items: list[Item], grouper: Grouper) -> list[Item]:
     grouped = []
     for item in items:
         group, metadata = grouper.assign(item.ref)
-        grouped.append(replace(item, group=group, metadata=metadata))
+        grouped.append(replace(item, group=group, metadata={**item.metadata, **metadata}))  # kept: a source may name the film's source
     return grouped
 
 

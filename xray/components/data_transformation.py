@@ -22,6 +22,7 @@ from xray.errors import DataError
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import fingerprint as fingerprint_of, new_header, stage_code_hash
 from xray.data.snapshot import SPLITS, Decoder, decoder
+from xray.data.sources.registry import source_named
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -98,13 +99,8 @@ def _write_splits(
 
 
 def source_contract(ingestion: DataIngestionArtifact) -> dict[str, str | int]:
-    """MedMNIST-style ``.npz`` images were cut from full-size films: record how, for serving and the external check.
-
-    Folder and S3 sources hold the films themselves, so they need nothing beyond the plain resize.
-    """
-    if ingestion.source_kind != "npz":
-        return {}
-    return {"source_crop": "center_square", "source_size": ingestion.median_image_side, "source_filter": "bicubic"}
+    """How the source's films were made from full-size films (its source says), for serving and the external check."""
+    return source_named(ingestion.source_kind).contract(ingestion.median_image_side)
 
 
 def resolve_image_size(setting: int | str, median_side: int) -> int:

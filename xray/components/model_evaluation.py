@@ -36,9 +36,9 @@ from xray.evaluation import selection
 from xray.evaluation.external import ExternalSet, load_external
 from xray.serving.inference import TTA_VIEWS, choose_device, predict_proba, prepare_model
 from xray.evaluation.metrics import compute_metrics
-from xray.models.builders import ENSEMBLE, flat_ensemble
+from xray.models.builders import ENSEMBLE, flat_ensemble, load_candidate
 from xray.evaluation.operating_point import operating_point, positive_indices
-from xray.data.preprocessing import Preprocessing, resize_batch
+from xray.data.preprocessing import Preprocessing, preprocessing_of, resize_batch
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, stage_code_hash
 from xray.typed import to_jsonable
@@ -70,7 +70,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
     trainer = inputs.get(ModelTrainerArtifact)
     out = run_dir.stage_dir(STAGE)
     classes = transformation.class_names
-    preprocessing = transformation.preprocessing(trainer.architecture_input["image_size"])
+    preprocessing = preprocessing_of(transformation, trainer.architecture_input["image_size"])
     arrays = {k: transformation.load_array(run_dir.path, k) for k in transformation.arrays if not k.startswith("train")}
     arrays = {k: resize_batch(v, preprocessing.image_size) if k.endswith("_x") else v for k, v in arrays.items()}
     scorer = _Scorer(arrays, preprocessing, choose_device(), classes, cfg)
@@ -111,7 +111,7 @@ def _score_models(
     """Every candidate's checkpoint, and their ensemble when there are two or more, scored on val and test."""
     models: dict[str, nn.Module] = {}
     for candidate in trainer.candidates:
-        models[candidate.name] = prepare_model(candidate.load(run_dir.path, len(scorer.classes)), scorer.device)
+        models[candidate.name] = prepare_model(load_candidate(candidate, run_dir.path, len(scorer.classes)), scorer.device)
         scorer.add(candidate.name, models[candidate.name], candidate.checkpoint, members=candidate.members)
     if cfg.ensemble != "off" and len(trainer.candidates) >= 2:
         candidates = tuple(c.name for c in trainer.candidates)

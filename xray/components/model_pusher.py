@@ -31,6 +31,7 @@ from xray.errors import XrayError
 from xray.evaluation.metrics import compute_metrics
 from xray.serving.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
 from xray.audit.seal import seal_evidence
+from xray.data.preprocessing import preprocessing_of
 from xray.data.snapshot import split_pixels
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash, utc_now, write_json_atomic
@@ -145,7 +146,7 @@ def model_spec(
     return ModelSpec(
         architecture=best.name,
         class_names=transformation.class_names,
-        preprocessing=transformation.preprocessing(evaluation.image_size),
+        preprocessing=preprocessing_of(transformation, evaluation.image_size),
         run_id=run_id,
         data_fingerprint=ingestion.data_fingerprint,
         weights_sha256=sha256_file(checkpoint),

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from xray.training.distributed import DistContext
+from xray.data.preprocessing import preprocessing_of
 from xray.entity.artifact_entity import CandidateModel, DataTransformationArtifact, ModelTrainerArtifact, TrainingPlan
 from xray.entity.config_entity import AugmentConfig, PipelineConfig, TrainerConfig
 from xray.models.builders import build_model, count_parameters
@@ -68,7 +69,7 @@ def load_training_data(run_path: Path, transformation: DataTransformationArtifac
         val_x=transformation.load_array(run_path, "val_x"),
         val_y=transformation.load_array(run_path, "val_y"),
         class_names=transformation.class_names,
-        preprocessing=transformation.preprocessing(),
+        preprocessing=preprocessing_of(transformation),
         augment=from_mapping(AugmentConfig, dict(transformation.augmentation)),
     )
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from xray.data.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom
+from xray.entity.artifact_entity import DataTransformationArtifact
 from xray.errors import ImageDecodeError, ImageTooLargeError
 
 # The only decoders an image ever reaches (Pillow format name -> file suffixes): every other Pillow
@@ -94,6 +95,23 @@ class Preprocessing:
     def to_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``N×H×W`` -> the normalised float ``N×1×H×W`` a model takes."""
         return self.to_unit(batch).sub_(self.mean).div_(self.std)
+
+
+def preprocessing_of(transformation: DataTransformationArtifact, image_size: int = 0) -> Preprocessing:
+    """The preprocessing contract of models trained on these arrays.
+
+    ``image_size``: the size the models were trained at when the time budget shrank it (0: the artifact's).
+    Here, not on the record: the artifact is a plain record below every stage, and this builds a torch-side object.
+    """
+    return Preprocessing(
+        image_size=image_size or transformation.image_size,
+        mean=transformation.normalization["mean"],
+        std=transformation.normalization["std"],
+        channels=transformation.channels,
+        source_crop=transformation.source_crop,
+        source_size=transformation.source_size,
+        source_filter=transformation.source_filter,
+    )
 
 
 def open_image(

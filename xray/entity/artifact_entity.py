@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
-    from torch import nn
-
-    from xray.data.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -139,23 +136,6 @@ class DataTransformationArtifact:
     source_size: int = 0
     source_filter: str = "bilinear"
 
-    def preprocessing(self, image_size: int = 0) -> Preprocessing:
-        """The preprocessing contract of models trained on these arrays.
-
-        ``image_size``: the size the models were trained at when the time budget shrank it (0: this artifact's).
-        """
-        from xray.data.preprocessing import Preprocessing
-
-        return Preprocessing(
-            image_size=image_size or self.image_size,
-            mean=self.normalization["mean"],
-            std=self.normalization["std"],
-            channels=self.channels,
-            source_crop=self.source_crop,
-            source_size=self.source_size,
-            source_filter=self.source_filter,
-        )
-
     def load_array(self, run_path: Path, key: str) -> np.ndarray:
         """One cached array: ``train_x`` (uint8 N×H×W), ``train_y`` (int64 labels), ``val_x``, … ``test_y``."""
         import numpy as np
@@ -213,13 +193,6 @@ class CandidateModel:
     members: tuple[str, ...] = ()  # a k-fold bag (trainer.cv_final_model ensemble): its fold models, in state_dict order
     batch_size: int = 0  # what it trained with: trainer.batch_size, halved for a small dataset (min_steps_per_epoch)
     learning_rate: float = 0.0  # likewise (scaled with the batch by its square root)
-
-    def load(self, run_path: Path, num_classes: int) -> nn.Module:
-        """The best checkpoint in its architecture (a k-fold bag: the ensemble of its folds), on CPU, in eval mode."""
-        from xray.models.builders import build_ensemble, build_model, load_checkpoint
-
-        model = build_ensemble(self.members, num_classes) if self.members else build_model(self.name, num_classes)
-        return load_checkpoint(model, run_path / self.checkpoint)
 
 
 @dataclass(frozen=True)

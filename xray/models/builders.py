@@ -1,4 +1,10 @@
-"""Candidate architectures: a compact custom CNN and torchvision's DenseNets.
+"""Candidate architectures: a compact custom CNN and torchvision's DenseNets, in one table.
+
+``ARCHITECTURES`` names each candidate with its builder, its Grad-CAM target
+layer and its input channels; training, evaluation and serving all build
+through it, and ``CANDIDATES`` (xray/entity/config_entity.py, free of torch)
+is held equal to its names by a test. Adding a candidate: one entry here, its
+name there.
 
 All take one grayscale channel. DenseNet's stem is adapted by summing the
 ImageNet filters over RGB, the standard way to keep pretrained features when
@@ -8,23 +14,19 @@ the input has one channel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from xray.entity.config_entity import CANDIDATES
+from xray.entity.artifact_entity import CandidateModel
 from xray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-# torchvision's builder and ImageNet weights for every DenseNet candidate the config allows.
-_DENSENETS = {
-    name: (tv_models.get_model_builder(name), tv_models.get_model_weights(name).IMAGENET1K_V1)
-    for name in CANDIDATES
-    if name.startswith("densenet")
-}
 
 
 class StemConv(nn.Conv2d):
@@ -123,18 +125,26 @@ def flat_ensemble(models: list[nn.Module], names: tuple[str, ...]) -> Ensemble:
     return Ensemble(members, tuple(member_names))
 
 
-def build_ensemble(members: tuple[str, ...], num_classes: int, in_channels: int = 1) -> Ensemble:
+def build_ensemble(members: tuple[str, ...], num_classes: int, in_channels: int | None = None) -> Ensemble:
     return Ensemble([build_model(m, num_classes, in_channels) for m in members], members)
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 1, weights: str = "none") -> nn.Module:
-    if name == "simple_cnn":
-        if weights != "none":
-            logger.info("simple_cnn has no pretrained weights; training from scratch")
-        return SimpleCNN(num_classes, in_channels)
-    if name not in _DENSENETS:
+def build_model(name: str, num_classes: int, in_channels: int | None = None, weights: str = "none") -> nn.Module:
+    """A candidate by name (``in_channels`` None: the architecture's own), from ``ARCHITECTURES``."""
+    architecture = ARCHITECTURES.get(name)
+    if architecture is None:
         raise ConfigError(f"unknown candidate {name!r}")
-    factory, imagenet = _DENSENETS[name]
+    return architecture.build(num_classes, architecture.in_channels if in_channels is None else in_channels, weights)
+
+
+def _simple_cnn(num_classes: int, in_channels: int, weights: str) -> nn.Module:
+    if weights != "none":
+        logger.info("simple_cnn has no pretrained weights; training from scratch")
+    return SimpleCNN(num_classes, in_channels)
+
+
+def _densenet(name: str, num_classes: int, in_channels: int, weights: str) -> nn.Module:
+    factory, imagenet = tv_models.get_model_builder(name), tv_models.get_model_weights(name).IMAGENET1K_V1
     model = factory(weights=None)
     if weights != "none":
         model.load_state_dict(_load_pretrained(name, imagenet, weights))
@@ -179,9 +189,51 @@ def gradcam_target_layers(model: nn.Module) -> list[nn.Module]:
     """
     if isinstance(model, Ensemble):
         return [layer for member in model.members for layer in gradcam_target_layers(member)]
-    if isinstance(model, SimpleCNN):
-        return [model.features[-1][-3]]  # last block's final BatchNorm (its ReLU is in-place), before pooling
-    return [model.features[-1]]  # DenseNet: final norm5 (its ReLU is functional)
+    for architecture in ARCHITECTURES.values():
+        if isinstance(model, architecture.model_type):
+            return [architecture.gradcam_layer(model)]
+    raise ValueError(f"no Grad-CAM target layer is known for a {type(model).__name__}")
+
+
+def _simple_cnn_cam_layer(model: nn.Module) -> nn.Module:
+    return model.features[-1][-3]  # last block's final BatchNorm (its ReLU is in-place), before pooling
+
+
+def _densenet_cam_layer(model: nn.Module) -> nn.Module:
+    return model.features[-1]  # DenseNet: final norm5 (its ReLU is functional)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One candidate: how it is built, where Grad-CAM looks, what it takes."""
+
+    name: str
+    build: Callable[[int, int, str], nn.Module]  # (num_classes, in_channels, weights) -> the model
+    model_type: type[nn.Module]  # what it is built as: how a built model finds its entry
+    gradcam_layer: Callable[[nn.Module], nn.Module]  # the last spatial feature map of a built model
+    in_channels: int = 1  # radiographs are grayscale
+
+
+# The one table of candidates: what trainer.candidates may name (CANDIDATES holds the same names, in order).
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("simple_cnn", _simple_cnn, SimpleCNN, _simple_cnn_cam_layer),
+        *(
+            Architecture(name, partial(_densenet, name), tv_models.DenseNet, _densenet_cam_layer)
+            for name in ("densenet121", "densenet169", "densenet201")
+        ),
+    )
+}
+
+
+def load_candidate(candidate: CandidateModel, run_path: Path, num_classes: int) -> nn.Module:
+    """A trained candidate's best checkpoint in its architecture (a k-fold bag: the ensemble of its folds),
+    on CPU, in eval mode. Here, not on the record: the artifact is a plain record below every stage."""
+    model = (
+        build_ensemble(candidate.members, num_classes) if candidate.members else build_model(candidate.name, num_classes)
+    )
+    return load_checkpoint(model, run_path / candidate.checkpoint)
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:

@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from xray.training.distributed import DistContext
 from xray.entity.config_entity import PipelineConfig
+from xray.entity.dist_entity import DistContext
 from xray.pipeline.store import RunDir
 
 A = TypeVar("A")

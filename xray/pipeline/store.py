@@ -284,7 +284,9 @@ class RunDir:
         )
         self.update(stages=stages, current_stage=None, progress={})
 
-    def finish(self, status: str, reason: str | None = None, summary: dict[str, Any] | None = None) -> None:
+    def close(self, status: str, reason: str | None = None, summary: dict[str, Any] | None = None) -> None:
+        """Record the end of the run and make it read-only. Sealing it is the audit layer's:
+        end a run through ``xray.audit.seal.finish_run``, which closes it here and then seals it."""
         stages = {
             name: dataclasses.replace(rec, status="failed", finished_at=utc_now())
             if rec.status == "running"
@@ -301,14 +303,6 @@ class RunDir:
             summary=summary or self.manifest.summary,
         )
         make_read_only(self.path)
-        self.seal()
-
-    def seal(self) -> str:
-        """Sign the finished run (``xray/audit/seal.py``); nothing may be written into it afterwards."""
-        from xray.audit.seal import seal_run  # seal reads runs through this module
-
-        problems = recorded_hash_problems(self.root, self.run_id)
-        return seal_run(self.root, self.run_id, self.manifest.status, utc_now(), problems)
 
 
 def _is_queued(root: Path, run_id: str) -> bool:
@@ -316,20 +310,6 @@ def _is_queued(root: Path, run_id: str) -> bool:
         return load_manifest(root, run_id).status == "queued"
     except RunError:
         return False
-
-
-def mark_orphaned(root: Path, run_id: str, reason: str) -> RunManifest:
-    """Mark a queued or running run failed because its process is gone (killed, crashed, host rebooted).
-
-    Only the caller can know the process is gone; a finished run is returned unchanged.
-    """
-    manifest = load_manifest(root, run_id)
-    if manifest.status not in ("queued", "running"):
-        return manifest
-    run = RunDir(root, manifest)
-    run.finish("failed", reason=reason)
-    logger.warning("run %s marked failed: %s", run_id, reason)
-    return run.manifest
 
 
 def make_read_only(path: Path) -> None:

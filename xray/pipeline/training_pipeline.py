@@ -36,6 +36,7 @@ from xray.entity.config_entity import PipelineConfig
 from xray.entity.run_summary import RunSummary
 from xray.errors import XrayError
 from xray.audit.keys import load_signing_key
+from xray.audit.seal import finish_run
 from xray.pipeline.stage import Inputs, Stage, StageContext
 from xray.pipeline.store import RunDir, adopt_cached_stage, cache_lookup, cache_store, load_artifact
 from xray.typed import to_jsonable
@@ -178,9 +179,9 @@ def _run(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if reason is None:
-            run.finish("succeeded", summary=to_jsonable(summary))
+            finish_run(run, "succeeded", summary=to_jsonable(summary))
             return RunResult(run.run_id, run.path, "succeeded", None, summary)
-        run.finish("failed", reason=reason)
+        finish_run(run, "failed", reason=reason)
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)

@@ -26,13 +26,13 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import nn
 
+from xray.entity.dist_entity import DistContext
 from xray.errors import XrayError
 
 logger = logging.getLogger(__name__)
@@ -45,26 +45,6 @@ DEFAULT_SETUP_TIMEOUT_S = 6 * 3600.0
 
 class DistributedFailure(XrayError):
     """A rank died, hung past the timeout or could not do its share: the whole run fails."""
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """This process's place in a torchrun job, read from torchrun's environment variables."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    backend: str
-    device: torch.device
-    timeout_s: float
-    setup_timeout_s: float
-    control_group: Any = None  # set by init(); None means the default group
-    setup_group: Any = None
-
-    @property
-    def is_lead(self) -> bool:
-        return self.rank == 0
 
 
 def from_env(environ: dict[str, str] | None = None) -> DistContext | None:
