@@ -113,3 +113,27 @@ def write(path: Path, payload: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(payload)
     return path
+
+
+def with_attributes(payload: bytes, **attributes: str) -> bytes:
+    """The same film with DICOM attributes set (``Modality="CT"``, ``ViewPosition="LL"``…); ``""`` deletes one."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(payload))
+    for name, value in attributes.items():
+        if value == "":
+            if name in ds:
+                delattr(ds, name)
+        else:
+            setattr(ds, name, value)
+    return _bytes(ds)
+
+
+def rgb(pixels: np.ndarray) -> bytes:
+    """An 8-bit RGB DICOM (a secondary capture, as some systems export): ``pixels`` in all three channels."""
+    ds = _dataset(pixels)
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PhotometricInterpretation = "RGB"
+    ds.PixelData = np.ascontiguousarray(np.stack([pixels] * 3, -1)).tobytes()
+    return _bytes(ds)

@@ -23,6 +23,7 @@ from xray.entity.artifact_entity import DataIngestionArtifact, DuplicateGroup, G
 from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
 from xray.evaluation.operating_point import positive_indices
+from xray.data.quality import profile_dataset
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import fingerprint as fingerprint_of, new_header, stage_code_hash
 
@@ -47,6 +48,7 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
     class_names, unreadable = scan.class_names, scan.unreadable
     dataset_path = run_dir.relative(snapshot.root) if snapshot.copied else str(snapshot.root)
     items = _with_groups(scan.items, grouper)
+    items, quality = profile_dataset(snapshot.root, kind, items, config, scan.median_side)  # input checks on every film
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
     # the configured operating point must name classes that exist: a typo fails now, not after training
@@ -82,6 +84,7 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
         num_groups=len({i.group or i.sha256 for i in items}), group_leakage=group_leakage,
         metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
         dicom_images=sum(1 for i in items if i.dicom is not None),
+        quality=quality,
     )
 
 
