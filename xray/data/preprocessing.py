@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from xray.data.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom, read_dicom_dataset
+from xray.data.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom_dataset
 from xray.entity.artifact_entity import DataTransformationArtifact
 from xray.errors import ImageDecodeError, ImageTooLargeError
 
