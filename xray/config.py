@@ -28,6 +28,8 @@ _CHOICES = {
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),
     "evaluation.ensemble": ("auto", "always", "off"),
     "evaluation.tta": ("auto", "on", "off"),
+    "evaluation.calibration": ("temperature", "none"),
+    "evaluation.ood": ("mahalanobis", "none"),
 }
 # Inclusive bounds for every numeric key: wide enough for any real run, narrow enough that
 # a typo (or a hostile /train caller) cannot ask for a billion epochs, NaN or a negative rate.
@@ -71,6 +73,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "gate.min_roc_auc": (0, 1),
     "gate.min_accuracy": (0, 1),
     "gate.min_class_recall": (0, 1),
+    "gate.min_ood_refusal": (0, 1),
+    "evaluation.ood_acceptance": (0.5, 1),
 }
 
 
