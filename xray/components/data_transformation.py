@@ -21,6 +21,7 @@ from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import fingerprint as fingerprint_of, new_header, stage_code_hash
+from xray.data.preprocessing import resolve_image_size
 from xray.data.snapshot import SPLITS, Decoder, decoder
 from xray.typed import to_jsonable
 
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = "data_transformation"
 CACHED = True
-AUTO_SMALL, AUTO_LARGE = 32, 128
 
 
 def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
@@ -105,17 +105,6 @@ def source_contract(ingestion: DataIngestionArtifact) -> dict[str, str | int]:
     if ingestion.source_kind != "npz":
         return {}
     return {"source_crop": "center_square", "source_size": ingestion.median_image_side, "source_filter": "bicubic"}
-
-
-def resolve_image_size(setting: int | str, median_side: int) -> int:
-    """``auto``: the native size, kept between 32 px (DenseNet downsamples 32x; MedMNIST's 28 px
-    goes to 32, where both candidates beat 64 px on PneumoniaMNIST's validation AUC in a quarter
-    of the CPU time, because the same minutes buy 2.5x the epochs) and 128 px (full-size films:
-    consolidations stay several pixels wide while DenseNet on two CPU cores trains ~3x faster
-    than at 224)."""
-    if setting != "auto":
-        return int(setting)
-    return max(AUTO_SMALL, min(AUTO_LARGE, median_side // 32 * 32))
 
 
 def assign_splits(

@@ -70,6 +70,16 @@ def _grey_levels(ds: Any, stored: np.ndarray, bits_stored: int) -> tuple[np.ndar
     return pixels, lo, hi, window
 
 
+@dataclass(frozen=True)
+class DicomRead:
+    """One decoded DICOM film with what the input checks look at: the dataset (its attributes) and the stored pixels."""
+
+    pixels: np.ndarray  # uint8 H×W, as every model sees it
+    info: DicomInfo
+    dataset: Any  # pydicom.Dataset
+    stored: np.ndarray  # the pixel data before the LUTs (H×W, or H×W×3 for colour)
+
+
 def read_dicom(data: bytes | Path, max_pixels: int) -> tuple[np.ndarray, DicomInfo]:
     """Decode a DICOM film to uint8 ``H×W`` (modality LUT, VOI LUT/window, MONOCHROME1 inverted).
 
@@ -77,6 +87,12 @@ def read_dicom(data: bytes | Path, max_pixels: int) -> tuple[np.ndarray, DicomIn
     decoded here and ``ValueError`` for a damaged one; an image larger than
     ``max_pixels`` is refused from its header, before decoding.
     """
+    read = read_dicom_dataset(data, max_pixels)
+    return read.pixels, read.info
+
+
+def read_dicom_dataset(data: bytes | Path, max_pixels: int) -> DicomRead:
+    """``read_dicom``, keeping the dataset and the stored pixels for the input checks (no second decode)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -118,7 +134,7 @@ def read_dicom(data: bytes | Path, max_pixels: int) -> tuple[np.ndarray, DicomIn
         rows=rows,
         columns=columns,
     )
-    return out, info
+    return DicomRead(pixels=out, info=info, dataset=ds, stored=stored)
 
 
 def _first(value: object) -> float:

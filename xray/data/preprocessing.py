@@ -19,12 +19,13 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from xray.data.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom
+from xray.data.dicom import DICOM_SUFFIXES, DicomInfo, DicomUnsupportedError, is_dicom, read_dicom_dataset
 from xray.errors import ImageDecodeError, ImageTooLargeError
 
 # The only decoders an image ever reaches (Pillow format name -> file suffixes): every other Pillow
@@ -115,7 +116,8 @@ def open_image(
         if keep_size:
             image.info["xray_original_size"] = (width, height)
         if draft_size is not None and image.format == "JPEG":
-            image.draft("L", (draft_size, draft_size))
+            # YCbCr keeps the chroma for the colour check; its Y band is exactly the luma an "L" draft gives
+            image.draft("YCbCr" if image.mode == "RGB" else "L", (draft_size, draft_size))
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
@@ -164,25 +166,56 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
 
 
-def decode_grayscale(
-    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
-) -> tuple[np.ndarray, DicomInfo | None]:
-    """The one decode function: bytes or a file (PNG, JPEG or DICOM) -> uint8 ``H×W`` at stored size.
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decode's results: the grey film every model sees, and what the input checks need besides it."""
+
+    grey: np.ndarray  # uint8 H×W at stored size (or JPEG draft size)
+    raw: Image.Image | np.ndarray  # before grey conversion: the PIL image, or a DICOM's stored pixels
+    dicom: DicomInfo | None = None
+    dataset: Any = None  # the pydicom Dataset of a DICOM file, else None
+
+
+def decode_image(data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> DecodedImage:
+    """The one decode function: bytes or a file (PNG, JPEG, TIFF or DICOM) -> grey ``H×W`` at stored size.
 
     DICOM is recognised by its ``DICM`` marker, not its name, so an upload
     without a ``.dcm`` filename decodes the same way as the ingested file.
     """
     if is_dicom(data):
         try:
-            return read_dicom(data, max_pixels)
+            read = read_dicom_dataset(data, max_pixels)
         except ImageDecodeError:
             raise
         except DicomUnsupportedError as exc:
             raise UnsupportedImageFormat(str(exc)) from None
         except ValueError as exc:
             raise ImageDecodeError(str(exc)) from None
+        return DecodedImage(grey=read.pixels, raw=read.stored, dicom=read.info, dataset=read.dataset)
     image = open_image(data, max_pixels=max_pixels, draft_size=draft_size)
-    return to_grayscale_array(image), None
+    return DecodedImage(grey=to_grayscale_array(image), raw=image)
+
+
+def decode_grayscale(
+    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> tuple[np.ndarray, DicomInfo | None]:
+    """``decode_image``'s grey film and DICOM attributes (callers that run no input checks)."""
+    decoded = decode_image(data, max_pixels, draft_size)
+    return decoded.grey, decoded.dicom
+
+
+AUTO_SMALL, AUTO_LARGE = 32, 128  # image_size "auto" keeps the native size between these
+
+
+def resolve_image_size(setting: int | str, median_side: int) -> int:
+    """``auto``: the native size, kept between 32 px (DenseNet downsamples 32x; MedMNIST's 28 px
+    goes to 32, where both candidates beat 64 px on PneumoniaMNIST's validation AUC in a quarter
+    of the CPU time, because the same minutes buy 2.5x the epochs) and 128 px (full-size films:
+    consolidations stay several pixels wide while DenseNet on two CPU cores trains ~3x faster
+    than at 224)."""
+    if setting != "auto":
+        return int(setting)
+    return max(AUTO_SMALL, min(AUTO_LARGE, median_side // 32 * 32))
 
 
 def resize_batch(pixels: np.ndarray, size: int) -> np.ndarray:

@@ -72,8 +72,6 @@ def _file_decoder(root: Path, size: int) -> Decoder:
 
 
 def _npz_decoder(path: Path, size: int) -> Decoder:
-    from PIL import Image
-
     with np.load(path, allow_pickle=False) as archive:
         arrays = {s: load_npz_split(archive, s)[0] for s in SPLITS if f"{s}_images" in archive.files}
 
@@ -81,13 +79,19 @@ def _npz_decoder(path: Path, size: int) -> Decoder:
         out = np.empty((len(items), size, size), dtype=np.uint8)
         for row, item in enumerate(items):
             source_split, index = item.ref.split(":")
-            pixels = arrays[source_split][int(index)]
-            if pixels.ndim == 3:
-                pixels = pixels[..., 0] if pixels.shape[-1] == 1 else to_grayscale_array(Image.fromarray(_as_uint8(pixels), mode="RGB"))
-            out[row] = resize_square(_as_uint8(pixels), size)
+            out[row] = resize_square(npz_grey(arrays[source_split][int(index)]), size)
         return out
 
     return decode
+
+
+def npz_grey(pixels: np.ndarray) -> np.ndarray:
+    """One ``.npz`` image (H×W, H×W×1 or H×W×3, any dtype) -> uint8 grey ``H×W``, as transformation reads it."""
+    from PIL import Image
+
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else to_grayscale_array(Image.fromarray(_as_uint8(pixels), mode="RGB"))
+    return _as_uint8(pixels)
 
 
 def _as_uint8(pixels: np.ndarray) -> np.ndarray:

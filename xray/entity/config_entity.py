@@ -32,6 +32,7 @@ class IngestionConfig:
     metadata_csv: str = ""  # CSV with a "path" column (relative path or file name) + any columns (patient, sex, view…)
     class_names: tuple[str, ...] = ()  # names for integer labels (.npz); folders name their classes
     demo_images_per_class: int = 100
+    quality: str = "report"  # report | exclude: films that fail an input_gate image check (listed either way)
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -129,6 +130,31 @@ class PushConfig:
 
 
 @dataclass(frozen=True)
+class InputGateConfig:
+    """Checks on what comes in, before any model sees it: each mode is refuse | warn | off."""
+
+    dicom_modality: str = "refuse"  # Modality not a projection radiograph (CR, DX, DR)
+    dicom_body_part: str = "refuse"  # BodyPartExamined present and not CHEST
+    dicom_view: str = "refuse"  # ViewPosition present and neither PA, AP nor lateral (oblique, decubitus…)
+    lateral: str = "refuse"  # refuse | warn: ViewPosition LL, RL or LATERAL
+    dicom_photometric: str = "refuse"  # PhotometricInterpretation other than MONOCHROME1/2 (RGB, YBR, PALETTE)
+    too_small: str = "refuse"
+    nearly_constant: str = "refuse"
+    posterized: str = "refuse"
+    colour: str = "refuse"
+    inverted: str = "refuse"
+    rotated: str = "refuse"
+    min_side: int = 0  # pixels; 0: the model's own input (its source size, else its image size)
+    min_std: float = 5.0  # grey standard deviation (0..255) below which a film is nearly constant
+    min_grey_levels: int = 32  # fewer distinct grey levels: posterized
+    max_top_levels_share: float = 0.9  # or this share of the pixels in 16 grey levels: posterized
+    colour_spread: int = 24  # a pixel is coloured when its channels differ by more than this (0..255)
+    max_colour_share: float = 0.02  # more coloured pixels than this share: colour
+    inverted_margin: float = 0.3  # polarity score below minus this: inverted
+    rotated_margin: float = 0.3  # orientation score below minus this: rotated by 90 or 270 degrees
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data_uri: str = "demo"
     artifacts_dir: str = "artifacts"
@@ -138,3 +164,4 @@ class PipelineConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    input_gate: InputGateConfig = field(default_factory=InputGateConfig)
