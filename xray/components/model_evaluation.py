@@ -46,7 +46,9 @@ from xray.serving.inference import (
     predict_proba_and_features,
     prepare_model,
 )
+from xray.serving import predict as one_path
 from xray.serving.ood import OOD_FILE, OODDetector
+from xray.serving.serving_model import LoadedModel, ModelSpec
 from xray.evaluation.ood import fit_detector
 from xray.evaluation.calibration import fit_temperature, reliability_curve
 from xray.evaluation.metrics import compute_metrics, expected_calibration_error
@@ -64,8 +66,10 @@ CACHED = True
 
 
 def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
+    """The evaluation settings and the input checks (the OOD suite runs through them), the data and the models."""
     upstream = [inputs.get(DataTransformationArtifact).header.fingerprint, inputs.get(ModelTrainerArtifact).header.fingerprint]
-    return fingerprint_of(STAGE, to_jsonable(config.evaluation), upstream, stage_code_hash(__name__))
+    params = {"evaluation": to_jsonable(config.evaluation), "input_gate": to_jsonable(config.input_gate)}
+    return fingerprint_of(STAGE, params, upstream, stage_code_hash(__name__))
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
     report_plots = _report_plots(trainer, scorer, models[best.name], best.name, cfg, choice.cv_stats, out)
     clinical = _clinical_evidence(ctx.config, run_dir, ingestion, transformation, arrays, scorer.val_probs[best.name], scorer.test_probs[best.name])
     ood_gate, detector = _fit_ood(scorer, models[best.name], transformation, run_dir, out)
-    suite = _score_ood_suite(ctx, scorer, models[best.name], best, clinical["operating_point"], ood_gate, detector)
+    suite = _score_ood_suite(ctx, scorer, transformation, models[best.name], best, clinical["operating_point"], ood_gate, detector)
     files += [run_dir.path / ood_gate.file] if ood_gate else []
     card = model_card.build_card(
         run_dir.run_id, best.name, ingestion, transformation, clinical["intervals"], clinical["bootstrap"],
@@ -347,11 +351,38 @@ def _fit_ood(
 
 
 def _score_ood_suite(
-    ctx: StageContext, scorer: _Scorer, model: nn.Module, best: CandidateEvaluation,
-    point: OperatingPoint | None, gate: OODGate | None, detector: OODDetector | None,
+    ctx: StageContext, scorer: _Scorer, transformation: DataTransformationArtifact, model: nn.Module,
+    best: CandidateEvaluation, point: OperatingPoint | None, gate: OODGate | None, detector: OODDetector | None,
 ) -> tuple[OODSuiteKind, ...]:
-    """The OOD suite through serving's predict path (decode, input checks, OOD score): refusals per kind."""
-    return ()
+    """The OOD suite through serving's predict path (decode, input checks, OOD score): refusals per kind.
+
+    Built from this run's validation films (inverted and rotated copies) and what installs here (pydicom's CT
+    and MR files, matplotlib's images, synthetic images); scored with the run's ``input_gate`` config and no
+    operator warn list, so the figure says what the pushed model refuses by default.
+    """
+    if not ctx.config.evaluation.ood_suite:
+        return ()
+    from xray.evaluation.ood_suite import build_ood_suite  # imports matplotlib's and pydicom's sample data
+
+    films = transformation.load_array(ctx.run.path, "val_x")
+    items = build_ood_suite(films, max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
+    spec = ModelSpec(
+        architecture=best.name, class_names=scorer.classes, preprocessing=scorer.preprocessing, run_id=ctx.run.run_id,
+        data_fingerprint="", weights_sha256="", metrics={}, operating_point=point, members=best.members, tta=best.tta,
+        temperature=best.calibration.temperature if best.calibration else None, ood=gate, input_gate=ctx.config.input_gate,
+    )
+    loaded = LoadedModel(spec, model, model, scorer.device, "fp32", f"run {ctx.run.run_id} (evaluation)", detector)
+    answers = one_path.predict(loaded, [item.data for item in items], one_path.Policy(gate_config=ctx.config.input_gate))
+    kinds: dict[str, list[int]] = {}
+    for item, result in zip(items, answers):
+        counts = kinds.setdefault(item.kind, [0, 0, 0])
+        refused = not isinstance(result, one_path.Prediction)  # a refusal, or an upload serving cannot decode (4xx)
+        by_score = isinstance(result, one_path.Refusal) and any(r.code == one_path.OOD_REASON for r in result.reasons)
+        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + refused, counts[2] + by_score
+    suite = tuple(OODSuiteKind(kind, *counts) for kind, counts in kinds.items())
+    total, refused_all = sum(k.count for k in suite), sum(k.refused for k in suite)
+    logger.info("OOD suite: %d/%d refused (%s)", refused_all, total, ", ".join(f"{k.kind} {k.refused}/{k.count}" for k in suite))
+    return suite
 
 
 def _clinical_evidence(

@@ -27,7 +27,7 @@ from xray.entity.artifact_entity import (
     ModelPusherArtifact,
     SplitMetrics,
 )
-from xray.entity.config_entity import GateConfig, PipelineConfig
+from xray.entity.config_entity import GateConfig, InputGateConfig, PipelineConfig
 from xray.errors import XrayError
 from xray.evaluation.metrics import compute_metrics
 from xray.serving.ood import OOD_FILE
@@ -158,6 +158,7 @@ def model_spec(
     evaluation: ModelEvaluationArtifact,
     checkpoint: Path,
     seal_digest: str | None = None,
+    input_gate: InputGateConfig | None = None,
 ) -> ModelSpec:
     """The chosen model's spec: what the pusher stores and what an MLflow export logs."""
     best = evaluation.chosen()
@@ -175,6 +176,7 @@ def model_spec(
         seal_digest=seal_digest,
         temperature=best.calibration.temperature if best.calibration else None,
         ood=dataclasses.replace(evaluation.ood, file=OOD_FILE) if evaluation.ood else None,
+        input_gate=input_gate,
     )
 
 
@@ -212,7 +214,7 @@ def _add_to_store(
 
     best = evaluation.chosen()
     checkpoint = run_dir.path / evaluation.best_checkpoint
-    spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint, seal_digest=evidence)
+    spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint, evidence, config.input_gate)
     metrics = spec.metrics
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from xray.data.preprocessing import DEFAULT_MAX_PIXELS, decode_grayscale, fit_to_contract
+from xray.data.preprocessing import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, fit_to_contract
+from xray.data.quality import DICOM_CHECKS, IMAGE_CHECKS, Finding, check_decoded, model_side
+from xray.entity.config_entity import InputGateConfig
 from xray.errors import ConfigError
 from xray.evaluation.operating_point import positive_indices
 from xray.serving.serving_model import LoadedModel, ModelScores, ModelSpec
@@ -86,35 +88,27 @@ Answer = Prediction | Refusal
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One check's verdict on an input: ``action`` refuse or warn."""
-
-    code: str
-    message: str
-    action: str = "refuse"
-
-
-@dataclass(frozen=True)
 class Policy:
     """Which reason codes are only warnings: the pushed model's ``input_gate`` and ``XRAY_INPUT_GATE_WARN``."""
 
     warn: frozenset[str] = field(default_factory=frozenset)
-    gate_config: Any = None  # the input checks' config (InputGateConfig); None: their defaults
+    gate_config: InputGateConfig = field(default_factory=InputGateConfig)
 
     @classmethod
     def for_model(cls, spec: ModelSpec, env: Mapping[str, str] = os.environ) -> Policy:
-        """The model's own input-gate config, with the environment's warn list on top (validated here)."""
+        """The model's own ``input_gate`` config (the defaults for a model pushed before it), with the
+        environment's warn list on top; an unknown code there is a ``ConfigError`` naming it."""
         raw = env.get(WARN_ENV, "")
         codes = frozenset(code.strip() for code in raw.split(",") if code.strip())
         unknown = sorted(codes - known_codes())
         if unknown:
             raise ConfigError(f"{WARN_ENV} names unknown check {unknown[0]!r} (known: {', '.join(sorted(known_codes()))})")
-        return cls(warn=codes, gate_config=None)
+        return cls(warn=codes, gate_config=spec.input_gate or InputGateConfig())
 
 
 def known_codes() -> frozenset[str]:
-    """Every reason code an answer can carry."""
-    return frozenset({OOD_REASON})
+    """Every reason code an answer can carry: the input checks' and the model's OOD score."""
+    return frozenset((*IMAGE_CHECKS, *DICOM_CHECKS, OOD_REASON))
 
 
 @dataclass(frozen=True)
@@ -125,25 +119,15 @@ class Prepared:
     findings: tuple[Finding, ...]
 
 
-@dataclass(frozen=True)
-class Decoded:
-    """An upload decoded at its stored size (``dicom``: the attributes of a DICOM file, else None)."""
-
-    data: bytes
-    grey: np.ndarray
-    dicom: Any
-
-
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Decoded:
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> DecodedImage:
     """The one decode (``ImageDecodeError`` and subclasses for a bad upload); needs no model."""
-    grey, dicom = decode_grayscale(data, max_pixels, draft_size=draft_size)
-    return Decoded(data, grey, dicom)
+    return decode_image(data, max_pixels, draft_size=draft_size)
 
 
-def check(decoded: Decoded, spec: ModelSpec, policy: Policy) -> Prepared:
-    """The input checks on the decoded film, and its pixels fitted to the model's contract."""
+def check(decoded: DecodedImage, spec: ModelSpec, policy: Policy) -> Prepared:
+    """The input checks (``xray.data.quality``) on the decoded film, and its pixels fitted to the model's contract."""
     contract = spec.preprocessing
-    findings = input_findings(decoded, policy)
+    findings = check_decoded(decoded, policy.gate_config, model_side(contract))
     return Prepared(fit_to_contract(decoded.grey, contract.image_size, contract), tuple(findings))
 
 
@@ -151,11 +135,6 @@ def prepare(data: bytes, spec: ModelSpec, policy: Policy, max_pixels: int = DEFA
     """``decode`` then ``check``: what the Bento's front service runs before the model."""
     contract = spec.preprocessing
     return check(decode(data, max_pixels, draft_size=contract.source_size or contract.image_size), spec, policy)
-
-
-def input_findings(decoded: Decoded, policy: Policy) -> list[Finding]:
-    """The input checks on the decoded film (and its DICOM attributes)."""
-    return []
 
 
 def answer(spec: ModelSpec, tag: str, prepared: Prepared, probabilities: np.ndarray, ood_score: float, policy: Policy) -> Answer:
@@ -168,6 +147,7 @@ def answer(spec: ModelSpec, tag: str, prepared: Prepared, probabilities: np.ndar
             OOD_REASON,
             f"the model's out-of-distribution score {score:.4g} is above its threshold {threshold:.4g}: "
             "this input is unlike the films it was trained on",
+            "refuse",
         ))
     refusals = tuple(Reason(f.code, f.message) for f in findings if f.action == "refuse" and f.code not in policy.warn)
     warnings = tuple(Reason(f.code, f.message) for f in findings if not (f.action == "refuse" and f.code not in policy.warn))

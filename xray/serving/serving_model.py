@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from xray.entity.artifact_entity import OODGate, OperatingPoint
-from xray.entity.config_entity import DEFAULT_MODEL_NAME
+from xray.entity.config_entity import DEFAULT_MODEL_NAME, InputGateConfig
 from xray.errors import XrayError
 from xray.serving.inference import (
     apply_temperature,
@@ -62,6 +62,7 @@ class ModelSpec:
     seal_digest: str | None = None  # the run's evidence seal the model was pushed on (``xray runs verify``)
     temperature: float | None = None  # temperature scaling fitted on validation; None: pushed before calibration
     ood: OODGate | None = None  # the OOD score's threshold and statistics file; None: pushed before the OOD gate
+    input_gate: InputGateConfig | None = None  # the run's input checks config; None: pushed before them (defaults)
 
 
 @dataclass(frozen=True)
