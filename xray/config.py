@@ -30,6 +30,12 @@ _CHOICES = {
     "evaluation.tta": ("auto", "on", "off"),
     "evaluation.calibration": ("temperature", "none"),
     "evaluation.ood": ("mahalanobis", "none"),
+    "ingestion.quality": ("report", "exclude"),
+    "input_gate.lateral": ("refuse", "warn"),
+    **{f"input_gate.{check}": ("refuse", "warn", "off") for check in (
+        "dicom_modality", "dicom_body_part", "dicom_view", "dicom_photometric",
+        "too_small", "nearly_constant", "posterized", "colour", "inverted", "rotated",
+    )},
 }
 # Inclusive bounds for every numeric key: wide enough for any real run, narrow enough that
 # a typo (or a hostile /train caller) cannot ask for a billion epochs, NaN or a negative rate.
@@ -75,6 +81,14 @@ _RANGES: dict[str, tuple[float, float]] = {
     "gate.min_class_recall": (0, 1),
     "gate.min_ood_refusal": (0, 1),
     "evaluation.ood_acceptance": (0.5, 1),
+    "input_gate.min_side": (0, 4096),
+    "input_gate.min_std": (0, 128),
+    "input_gate.min_grey_levels": (0, 256),
+    "input_gate.max_top_levels_share": (0, 1),
+    "input_gate.colour_spread": (0, 255),
+    "input_gate.max_colour_share": (0, 1),
+    "input_gate.inverted_margin": (0, 5),
+    "input_gate.rotated_margin": (0, 5),
 }
 
 

@@ -27,6 +27,7 @@ from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
 from xray.data.grouping import Grouper
 from xray.evaluation.operating_point import positive_indices
+from xray.data.quality import profile_dataset
 from xray.data.preprocessing import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageDecodeError, decode_grayscale, open_image
 from xray.data.snapshot import load_npz_split
 from xray.pipeline.stage import Inputs, StageContext
@@ -57,6 +58,7 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
     else:
         items, class_names, unreadable, median_side = _scan_folder(root)
     items = _with_groups(items, grouper)
+    items, quality = profile_dataset(root, kind, items, config, median_side)  # input checks on every film
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
     # the configured operating point must name classes that exist: a typo fails now, not after training
@@ -92,6 +94,7 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
         num_groups=len({i.group or i.sha256 for i in items}), group_leakage=group_leakage,
         metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
         dicom_images=sum(1 for i in items if i.dicom is not None),
+        quality=quality,
     )
 
 

@@ -365,7 +365,7 @@ def _score_ood_suite(
     from xray.evaluation.ood_suite import build_ood_suite  # imports matplotlib's and pydicom's sample data
 
     films = transformation.load_array(ctx.run.path, "val_x")
-    items = build_ood_suite(films, max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
+    items = build_ood_suite(list(films), max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
     spec = ModelSpec(
         architecture=best.name, class_names=scorer.classes, preprocessing=scorer.preprocessing, run_id=ctx.run.run_id,
         data_fingerprint="", weights_sha256="", metrics={}, operating_point=point, members=best.members, tta=best.tta,

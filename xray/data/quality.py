@@ -20,15 +20,31 @@ margins were set on real films (``scripts/measure_input_checks.py``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from xray.data.preprocessing import DEFAULT_MAX_PIXELS, DecodedImage, Preprocessing, decode_image, resize_square
-from xray.entity.config_entity import InputGateConfig
+from xray.data.preprocessing import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    Preprocessing,
+    decode_image,
+    resize_square,
+    resolve_image_size,
+)
+from xray.data.snapshot import load_npz_split, npz_grey
+from xray.entity.artifact_entity import FlaggedFilm, Item, QualityProfile, Spread
+from xray.entity.config_entity import InputGateConfig, PipelineConfig
+
+logger = logging.getLogger(__name__)
 
 MODES = ("refuse", "warn", "off")
 IMAGE_CHECKS = ("too_small", "nearly_constant", "posterized", "colour", "inverted", "rotated")
@@ -227,3 +243,126 @@ def _band_contrast(z: np.ndarray) -> float:
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-9))
+
+
+# ------------------------------------------------------------------ the training data's profile
+
+
+@dataclass(frozen=True)
+class FilmMeasure:
+    """One ingested film's statistics and the image checks' verdicts on it."""
+
+    ref: str
+    split: str
+    stats: ImageStats
+    bit_depth: int
+    sharpness: float
+    every_check: tuple[str, ...]  # codes that fire with every check on
+    findings: tuple[Finding, ...]  # under the configured modes
+
+
+def profile_dataset(
+    root: Path, kind: str, items: list[Item], config: PipelineConfig, median_side: int
+) -> tuple[list[Item], QualityProfile]:
+    """Ingestion's quality pass: every film decoded as training decodes it, checked, and profiled.
+
+    Returns the items to keep (all of them unless ``ingestion.quality: exclude``) and the profile.
+    """
+    gate = config.input_gate
+    side = min(median_side, resolve_image_size(config.transformation.image_size, median_side))
+    every = replace(gate, **{check: "refuse" for check in IMAGE_CHECKS})
+    load = _npz_loader(root) if kind == "npz" else _file_loader(root)
+
+    def measure(item: Item) -> FilmMeasure:
+        raw, grey, bits = load(item)
+        stats = image_stats(raw, grey, gate.colour_spread)
+        return FilmMeasure(
+            ref=item.ref, split=item.split, stats=stats, bit_depth=bits, sharpness=laplacian_variance(grey),
+            every_check=tuple(f.code for f in findings_from_stats(stats, every, side)),
+            findings=tuple(findings_from_stats(stats, gate, side)),
+        )
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        measures = list(pool.map(measure, items))
+    profile = summarise(measures, side, config.ingestion.quality)
+    for line in profile.warnings:
+        logger.warning("quality: %s", line)
+    if profile.policy == "exclude" and profile.excluded:
+        refused_refs = {f.ref for f in profile.flagged if f.refused}
+        items = [i for i in items if i.ref not in refused_refs]
+    return items, profile
+
+
+def summarise(measures: list[FilmMeasure], side: int, policy: str) -> QualityProfile:
+    """The profile of measured films: spreads, each check's share, the flagged films and the warnings."""
+    count = max(len(measures), 1)
+    share = {check: sum(check in m.every_check for m in measures) / count for check in IMAGE_CHECKS}
+    flagged = tuple(
+        FlaggedFilm(
+            ref=m.ref, split=m.split, codes=tuple(f.code for f in m.findings),
+            reasons=tuple(f.message for f in m.findings), refused=refused(list(m.findings)),
+        )
+        for m in measures if m.findings
+    )
+    warnings = [f"{value:.0%} of the films fail the {check} check" for check, value in share.items() if value >= 0.05]
+    if share["posterized"] >= 0.5:
+        warnings.append("most films have few grey levels in flat patches: this looks like a posterized (degraded) copy")
+    return QualityProfile(
+        films=len(measures),
+        min_side=side,
+        short_side=_spread([min(m.stats.height, m.stats.width) for m in measures]),
+        bit_depth={str(b): n for b, n in sorted(Counter(m.bit_depth for m in measures).items())},
+        grey_levels=_spread([m.stats.grey_levels for m in measures]),
+        top_levels_share=_spread([m.stats.top_levels_share for m in measures]),
+        sharpness=_spread([m.sharpness for m in measures]),
+        check_share={k: round(v, 6) for k, v in share.items()},
+        flagged=flagged,
+        policy=policy,
+        excluded=sum(f.refused for f in flagged) if policy == "exclude" else 0,
+        warnings=tuple(warnings),
+    )
+
+
+def laplacian_variance(grey: np.ndarray) -> float:
+    """Sharpness: the variance of the 4-neighbour Laplacian (Pech-Pacheco et al. 2000), at stored size."""
+    if min(grey.shape) < 3:
+        return 0.0
+    a = grey.astype(np.int32)
+    lap = a[:-2, 1:-1] + a[2:, 1:-1] + a[1:-1, :-2] + a[1:-1, 2:] - 4 * a[1:-1, 1:-1]
+    return float(lap.var())
+
+
+def _spread(values: list[float]) -> Spread:
+    if not values:
+        return Spread(min=0.0, median=0.0, max=0.0)
+    return Spread(min=round(float(np.min(values)), 4), median=round(float(np.median(values)), 4), max=round(float(np.max(values)), 4))
+
+
+Loader = Callable[[Item], tuple[Any, np.ndarray, int]]  # item -> (raw, grey, stored bits per sample)
+
+
+def _file_loader(root: Path) -> Loader:
+    """Each file decoded at stored size by ``decode_image`` (unreadable files never became items)."""
+
+    def load(item: Item) -> tuple[Any, np.ndarray, int]:
+        decoded = decode_image(root / item.ref)
+        bits = decoded.dicom.bits_stored if decoded.dicom is not None else _pil_bits(decoded.raw)
+        return decoded.raw, decoded.grey, bits
+
+    return load
+
+
+def _npz_loader(root: Path) -> Loader:
+    with np.load(root, allow_pickle=False) as archive:
+        arrays = {s: load_npz_split(archive, s)[0] for s in ("train", "val", "test") if f"{s}_images" in archive.files}
+
+    def load(item: Item) -> tuple[Any, np.ndarray, int]:
+        split, index = item.ref.split(":")
+        pixels = arrays[split][int(index)]
+        return pixels, npz_grey(pixels), pixels.dtype.itemsize * 8
+
+    return load
+
+
+def _pil_bits(image: Any) -> int:
+    return {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}.get(getattr(image, "mode", "L"), 8)

@@ -87,6 +87,44 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """One statistic over a dataset's films."""
+
+    min: float
+    median: float
+    max: float
+
+
+@dataclass(frozen=True)
+class FlaggedFilm:
+    """A film an input check flags (xray/data/quality.py), as the configured mode says."""
+
+    ref: str
+    split: str
+    codes: tuple[str, ...]
+    reasons: tuple[str, ...]
+    refused: bool  # a check in refuse mode fired: excluded when ingestion.quality is exclude
+
+
+@dataclass(frozen=True)
+class QualityProfile:
+    """What the films are like and what the input checks make of them: a degraded copy shows here."""
+
+    films: int
+    min_side: int  # the too_small check's side: the side the model will be trained at
+    short_side: Spread  # pixels, at stored size
+    bit_depth: dict[str, int]  # stored bits per sample -> films
+    grey_levels: Spread  # distinct grey levels per film
+    top_levels_share: Spread  # share of a film's pixels in its 16 most frequent grey levels
+    sharpness: Spread  # variance of the Laplacian of the grey film at stored size
+    check_share: dict[str, float]  # image check -> share of films it would refuse (every check on)
+    flagged: tuple[FlaggedFilm, ...] = ()
+    policy: str = "report"  # ingestion.quality
+    excluded: int = 0
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DataIngestionArtifact:
     header: ArtifactHeader
     source_uri: str
@@ -108,6 +146,7 @@ class DataIngestionArtifact:
     group_leakage: tuple[GroupLeak, ...] = ()  # patients whose films cross source splits
     metadata_columns: tuple[str, ...] = ()  # metadata CSV columns carried per image (sex, view, site…)
     dicom_images: int = 0  # how many images were DICOM (their attributes are in items.jsonl)
+    quality: QualityProfile | None = None  # the input checks over every film; None: made before they existed
 
     def dataset_root(self, run_path: Path) -> Path:
         """The folder or .npz the images are read from."""

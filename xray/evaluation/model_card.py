@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,7 @@ def _data_entry(ingestion: DataIngestionArtifact, transformation: DataTransforma
         "unreadable_files": len(ingestion.unreadable),
         "patients_across_source_splits": len(ingestion.group_leakage),
         "duplicates_across_source_splits": len(ingestion.leakage),
+        "quality_profile": quality_section(ingestion),
     }
 
 
@@ -210,6 +212,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"patients across source splits: {data['patients_across_source_splits']}",
         "",
     ]
+    lines += quality_markdown(data.get("quality_profile"))
     point = analysis["operating_point"]
     if point:
         lines += [
@@ -258,6 +261,46 @@ def _ood_lines(ood: dict[str, Any] | None) -> list[str]:
         lines += ["| OOD suite kind | inputs | refused | rate |", "|---|---|---|---|"]
         lines += [f"| {k['kind']} | {k['inputs']} | {k['refused']} | {k['refusal_rate']} |" for k in ood["suite"]] + [""]
     return lines
+def quality_section(ingestion: DataIngestionArtifact) -> dict[str, Any] | None:
+    """The ingested films' quality profile (xray/data/quality.py): what a degraded copy of a dataset shows."""
+    profile = ingestion.quality
+    if profile is None:
+        return None
+    return {
+        "films": profile.films,
+        "short_side_px": asdict(profile.short_side),
+        "bit_depth": profile.bit_depth,
+        "grey_levels": asdict(profile.grey_levels),
+        "top_16_levels_share": asdict(profile.top_levels_share),
+        "sharpness_laplacian_variance": asdict(profile.sharpness),
+        "check_share": profile.check_share,
+        "flagged_films": len(profile.flagged),
+        "policy": profile.policy,
+        "excluded": profile.excluded,
+        "warnings": list(profile.warnings),
+    }
+
+
+def quality_markdown(section: dict[str, Any] | None) -> list[str]:
+    """The card's "Data quality" lines; a card from before the profile existed says so."""
+    if section is None:
+        return ["## Data quality", "", "No quality profile: the data were ingested before the input checks existed.", ""]
+
+    def spread(entry: dict[str, float], digits: int = 0) -> str:
+        return f"{entry['min']:.{digits}f} / {entry['median']:.{digits}f} / {entry['max']:.{digits}f}"
+
+    shares = ", ".join(f"{code} {share:.1%}" for code, share in section["check_share"].items())
+    lines = [
+        "## Data quality", "",
+        f"- {section['films']} films; short side (min / median / max) {spread(section['short_side_px'])} px; "
+        f"bits per sample: " + ", ".join(f"{bits}: {n}" for bits, n in section["bit_depth"].items()),
+        f"- distinct grey levels {spread(section['grey_levels'])}; share of pixels in 16 levels "
+        f"{spread(section['top_16_levels_share'], 2)}; sharpness (variance of the Laplacian) {spread(section['sharpness_laplacian_variance'])}",
+        f"- share each input check would refuse: {shares}",
+        f"- films flagged: {section['flagged_films']}; policy `{section['policy']}`, excluded: {section['excluded']}",
+    ]
+    lines += [f"- **warning:** {text}" for text in section["warnings"]]
+    return lines + [""]
 
 
 def write_card(card: dict[str, Any], out: Path) -> tuple[Path, Path]:
