@@ -39,11 +39,15 @@ from tests import dicom_builders as dcm
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(300)
+WARN_ALL_BUT_FLAT = (
+    "ood_score,too_small,posterized,colour,inverted,rotated,dicom_modality,dicom_body_part,dicom_view,dicom_photometric"
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    app = new_server(tmp_path_factory.mktemp("app")).start()
+    # png_bytes() is a blob, not a chest film: every check but nearly_constant answers as a warning here
+    app = new_server(tmp_path_factory.mktemp("app"), XRAY_INPUT_GATE_WARN=WARN_ALL_BUT_FLAT).start()
     yield app
     app.stop()
 
@@ -213,6 +217,22 @@ def test_bad_train_requests_create_no_run(server: AppServer, trained: dict) -> N
 
 
 # ---------------------------------------------------------------- predict (in-process production model)
+
+
+def test_app_refuses_what_the_bento_refuses_with_the_same_body(server: AppServer, trained: dict) -> None:
+    """In-process fallback: a flat image is 422 with its reasons and the OOD score, on the JSON API and the page."""
+    flat = io.BytesIO()
+    Image.fromarray(np.full((96, 96), 128, np.uint8)).save(flat, format="PNG")
+    with server.client(READ_TOKEN) as client:
+        client.timeout = httpx.Timeout(180)
+        refused = client.post("/predict", files={"image": ("flat.png", flat.getvalue(), "image/png")})
+        assert refused.status_code == 422, refused.text
+        body = refused.json()
+        assert body["refused"] is True and "label" not in body
+        assert "nearly_constant" in [r["code"] for r in body["reasons"]]
+        assert body["ood_gate"] == "on" and body["ood_score"] is not None and body["ood_threshold"] is not None
+        accepted = client.post("/predict", files={"image": ("film.png", png_bytes(), "image/png")}).json()
+        assert accepted["ood_gate"] == "on" and accepted["ood_threshold"] == body["ood_threshold"]
 
 
 def test_predict_json(server: AppServer, trained: dict) -> None:

@@ -36,6 +36,9 @@ MAX_UPLOAD_BYTES = 2_000_000
 MAX_PIXELS = 4_000_000
 CONCURRENT = 32
 POSITIVE = ("covid", "pneumonia")
+WARN_ALL_BUT_FLAT = (
+    "ood_score,too_small,posterized,colour,inverted,rotated,dicom_modality,dicom_body_part,dicom_view,dicom_photometric"
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,8 @@ def served(pushed: tuple[Path, str]) -> Iterator[tuple[BentoServer, str]]:
         "XRAY_MAX_PIXELS": str(MAX_PIXELS),
         "XRAY_MAX_BATCH_SIZE": "16",
         "PATH": fake_ghostscript(root / "bin", root / "ghostscript-ran"),
+        # the synthetic blobs below are no chest films: every check but nearly_constant answers as a warning here
+        "XRAY_INPUT_GATE_WARN": WARN_ALL_BUT_FLAT,
     }
     server = start_bento_server(root / "bentoml", root / "serve.log", env)
     try:
@@ -113,6 +118,42 @@ def test_metadata_describes_the_served_model(metadata: dict, served: tuple[Bento
     assert metadata["serving"]["precision"] in ("bf16", "fp32")
 
 
+def test_a_refused_input_is_422_with_reasons_and_no_label(client: httpx.Client, metadata: dict, served) -> None:
+    """A flat image: nearly_constant refuses it (not downgraded here); the body carries the OOD score too."""
+    response = post_image(client, encode(Image.fromarray(np.full((96, 96), 128, np.uint8))))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["refused"] is True and "label" not in body and "probabilities" not in body
+    assert "nearly_constant" in [r["code"] for r in body["reasons"]] and all(r["message"] for r in body["reasons"])
+    assert body["ood_gate"] == "on" and isinstance(body["ood_score"], float)
+    assert body["ood_threshold"] == metadata["ood"]["threshold"] and body["model"] == served[1]
+
+
+def test_the_ood_threshold_round_trips_from_evaluation_to_serving(
+    client: httpx.Client, metadata: dict, pushed: tuple[Path, str]
+) -> None:
+    """evaluation artifact -> model.json -> /metadata and every answer, and the served score is the stored model's."""
+    import json
+
+    from xray.serving import predict as one_path
+    from xray.serving.serving_model import load_model_dir
+
+    root, tag = pushed
+    [evaluation] = (root / "artifacts").glob("*/model_evaluation/artifact.json")
+    shipped = json.loads(evaluation.read_text())["ood"]
+    assert metadata["ood_gate"] == "on" and metadata["ood"]["threshold"] == shipped["threshold"]
+    assert metadata["temperature"] is not None
+    payload = encode(Image.fromarray(radiograph(seed=3)))
+    answer = post_image(client, payload).json()
+    assert answer["ood_threshold"] == shipped["threshold"]
+    name, version = tag.split(":")
+    loaded = load_model_dir(root / "bentoml" / "models" / name / version, "fp32")
+    policy = one_path.Policy.for_model(loaded.spec, {one_path.WARN_ENV: WARN_ALL_BUT_FLAT})
+    [local] = one_path.predict(loaded, [payload], policy)
+    assert answer["ood_score"] == pytest.approx(local.ood_score, rel=0.05)  # bf16 serving where the CPU has it
+    assert answer["label"] == local.label
+
+
 def test_predict_png(client: httpx.Client, metadata: dict, served: tuple[BentoServer, str]) -> None:
     assert_prediction(post_image(client, encode(Image.fromarray(radiograph()))), metadata, served[1])
 
@@ -121,7 +162,7 @@ def test_served_ensemble_answers_the_mean_of_its_members(
     client: httpx.Client, served: tuple[BentoServer, str]
 ) -> None:
     """/predict through HTTP = the members' probabilities averaged in-process (TTA as the spec says)."""
-    from xray.serving.inference import predict_proba
+    from xray.serving.inference import apply_temperature, predict_proba
     from xray.data.preprocessing import load_for_model
     from xray.serving.serving_model import load_model_dir
 
@@ -132,7 +173,7 @@ def test_served_ensemble_answers_the_mean_of_its_members(
     pixels = load_for_model(payload, loaded.spec.preprocessing)[None]
     spec = loaded.spec
     members = [predict_proba(m, pixels, spec.preprocessing, loaded.device, tta=spec.tta)[0] for m in loaded.model.members]
-    expected = np.mean(members, axis=0)
+    expected = apply_temperature(np.mean(members, axis=0)[None], spec.temperature)[0]  # served calibrated
     got = np.array([answer[name] for name in spec.class_names])
     np.testing.assert_allclose(got, expected, atol=0.02)  # bf16 serving where the CPU has it
 
@@ -253,7 +294,7 @@ def test_serve_tokens_guard_the_model_routes(pushed: tuple[Path, str], tmp_path:
     root, tag = pushed
     token = "serve-token-0123456789abcdef"
     tokens = f"other-token-xxxxxxxxxxxxxxxx,{token}"
-    env = {"XRAY_MODEL_TAG": tag, "XRAY_SERVE_TOKENS": tokens, "XRAY_MODEL_WORKERS": "1"}
+    env = {"XRAY_MODEL_TAG": tag, "XRAY_SERVE_TOKENS": tokens, "XRAY_MODEL_WORKERS": "1", "XRAY_INPUT_GATE_WARN": WARN_ALL_BUT_FLAT}
     home = tmp_path / "bentoml"  # its own home: BentoML keeps its metrics files there, and the module's server reads them
     home.mkdir()
     (home / "models").symlink_to(root / "bentoml" / "models")

@@ -30,6 +30,8 @@ _CHOICES = {
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),
     "evaluation.ensemble": ("auto", "always", "off"),
     "evaluation.tta": ("auto", "on", "off"),
+    "evaluation.calibration": ("temperature", "none"),
+    "evaluation.ood": ("mahalanobis", "none"),
     "ingestion.quality": ("report", "exclude"),
     "input_gate.lateral": ("refuse", "warn"),
     **{f"input_gate.{check}": ("refuse", "warn", "off") for check in (
@@ -79,6 +81,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "gate.min_roc_auc": (0, 1),
     "gate.min_accuracy": (0, 1),
     "gate.min_class_recall": (0, 1),
+    "gate.min_ood_refusal": (0, 1),
+    "evaluation.ood_acceptance": (0.5, 1),
     "input_gate.min_side": (0, 4096),
     "input_gate.min_std": (0, 128),
     "input_gate.min_grey_levels": (0, 256),

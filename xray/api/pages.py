@@ -29,7 +29,7 @@ from xray.api.auth import (
     too_many_failures,
 )
 from xray.api.jobs import ACTIVE, NotActive
-from xray.api.predict import BadUpload, PredictionUnavailable
+from xray.api.predict import BadUpload, PredictionUnavailable, Refused
 from xray.api.routes import diff_view, get_manifest, jobs, models_view, run_prediction, run_summaries, verify
 from xray.api.views import load_view
 
@@ -190,6 +190,9 @@ def predict_submit(
         )
     except PredictionUnavailable as exc:
         return render(request, "predict.html", {**context, "error": str(exc)}, 503)
+    except Refused as exc:
+        refusal = {**exc.body, "filename": image.filename if image else ""}
+        return render(request, "predict.html", {**context, "refusal": refusal}, 422)
     ranked = sorted(result.probabilities.items(), key=lambda kv: kv[1], reverse=True)
     overlay = base64.b64encode(result.gradcam_png).decode() if result.gradcam_png else None
     return render(
@@ -208,4 +211,4 @@ def predict_submit(
 def _predict_context(request: Request) -> dict[str, Any]:
     settings = request.app.state.settings
     backend = f"Bento service at {settings.bento_url}" if settings.bento_url else "the production model, in-process"
-    return {"backend": backend, "error": None, "result": None}
+    return {"backend": backend, "error": None, "result": None, "refusal": None}

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile as ReceivedFile
 from xray.api.auth import ADMIN, Principal, require_read, require_train
 from xray.api.jobs import NotActive, TrainingConflict, WorkerStartError, tail_lines
 from xray.api.policy import Forbidden
-from xray.api.predict import BadUpload, PredictionResult, PredictionUnavailable, check_upload
+from xray.api.predict import BadUpload, PredictionResult, PredictionUnavailable, Refused, check_upload
 from xray.api.schemas import (
     CancelAccepted,
     ConflictOut,
@@ -23,6 +23,8 @@ from xray.api.schemas import (
     Health,
     ModelsOut,
     PredictionOut,
+    ReasonOut,
+    RefusalOut,
     RunDetail,
     RunSummary,
     TrainAccepted,
@@ -306,6 +308,10 @@ def prediction_out(result: PredictionResult) -> PredictionOut:
         model=result.model,
         source=result.source,
         gradcam_png=overlay,
+        ood_score=result.ood_score,
+        ood_threshold=result.ood_threshold,
+        ood_gate=result.ood_gate,
+        warnings=[ReasonOut(**w) for w in result.warnings],
     )
 
 
@@ -329,6 +335,7 @@ def run_prediction(request: Request, image: UploadFile | None) -> PredictionResu
         400: {"model": ErrorOut, "description": "not a readable image"},
         413: {"model": ErrorOut, "description": "more bytes or pixels than the limits"},
         415: {"model": ErrorOut, "description": "an image format other than PNG, JPEG or TIFF"},
+        422: {"model": RefusalOut, "description": "refused: not an input the model can judge (reasons given)"},
         503: {"model": ErrorOut, "description": "no production model, or the Bento service is down"},
     },
 )
@@ -339,6 +346,8 @@ def predict(
 ) -> PredictionOut:
     try:
         return prediction_out(run_prediction(request, image))
+    except Refused as exc:
+        return JSONResponse(RefusalOut.model_validate(exc.body).model_dump(), status_code=422)  # type: ignore[return-value]
     except BadUpload as exc:
         raise HTTPException(status_code=exc.status_code, detail=str(exc)) from None
     except PredictionUnavailable as exc:

@@ -128,12 +128,34 @@ class CancelAccepted(BaseModel):
     status: str = Field(description="cancelling: SIGTERM was sent to the worker")
 
 
+class ReasonOut(BaseModel):
+    code: str = Field(description="machine-readable: an input check's code, or ood_score for the model's own score")
+    message: str
+
+
 class PredictionOut(BaseModel):
     label: str
-    probabilities: dict[str, float]
+    probabilities: dict[str, float] = Field(description="calibrated (temperature scaling fitted on validation)")
     model: str
     source: str = Field(description="the Bento service or the in-process production model")
     gradcam_png: str | None = Field(None, description="the Grad-CAM overlay as a data:image/png;base64 URI")
+    ood_score: float | None = Field(None, description="the model's OOD score; null when ood_gate is unavailable")
+    ood_threshold: float | None = Field(None, description="scores above it are refused")
+    ood_gate: str = Field("unavailable", description="on, or unavailable for a model pushed before the OOD gate")
+    warnings: list[ReasonOut] = Field(default_factory=list, description="checks an operator turned into warnings")
+    refused: bool = False
+
+
+class RefusalOut(BaseModel):
+    """HTTP 422: the model will not judge this input, and says why; no label."""
+
+    refused: bool = True
+    reasons: list[ReasonOut]
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    ood_gate: str = "unavailable"
+    model: str = ""
+    warnings: list[ReasonOut] = Field(default_factory=list)
 
 
 class Health(BaseModel):

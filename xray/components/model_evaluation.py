@@ -22,11 +22,15 @@ from xray.evaluation import model_card
 from xray.evaluation import plots
 from xray.evaluation.bootstrap import bootstrap_intervals, subgroup_metrics
 from xray.entity.artifact_entity import (
+    Calibration,
     CandidateEvaluation,
     DataIngestionArtifact,
     DataTransformationArtifact,
     EnsembleDecision,
     ModelEvaluationArtifact,
+    OODGate,
+    OODSuiteKind,
+    OperatingPoint,
     ModelTrainerArtifact,
     SplitMetrics,
 )
@@ -34,13 +38,25 @@ from xray.entity.config_entity import EvaluationConfig, PipelineConfig
 from xray.evaluation.explain import gradcam_overlays
 from xray.evaluation import selection
 from xray.evaluation.external import ExternalSet, load_external
-from xray.serving.inference import TTA_VIEWS, choose_device, predict_proba, prepare_model
-from xray.evaluation.metrics import compute_metrics
+from xray.serving.inference import (
+    TTA_VIEWS,
+    apply_temperature,
+    choose_device,
+    predict_proba,
+    predict_proba_and_features,
+    prepare_model,
+)
+from xray.serving import predict as one_path
+from xray.serving.ood import OOD_FILE, OODDetector
+from xray.serving.serving_model import LoadedModel, ModelSpec
+from xray.evaluation.ood import fit_detector
+from xray.evaluation.calibration import fit_temperature, reliability_curve
+from xray.evaluation.metrics import compute_metrics, expected_calibration_error
 from xray.models.builders import ENSEMBLE, flat_ensemble, load_candidate
 from xray.evaluation.operating_point import operating_point, positive_indices
 from xray.data.preprocessing import Preprocessing, preprocessing_of, resize_batch
 from xray.pipeline.stage import Inputs, StageContext
-from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, stage_code_hash
+from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
 from xray.typed import to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -50,8 +66,10 @@ CACHED = True
 
 
 def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
+    """The evaluation settings and the input checks (the OOD suite runs through them), the data and the models."""
     upstream = [inputs.get(DataTransformationArtifact).header.fingerprint, inputs.get(ModelTrainerArtifact).header.fingerprint]
-    return fingerprint_of(STAGE, to_jsonable(config.evaluation), upstream, stage_code_hash(__name__))
+    params = {"evaluation": to_jsonable(config.evaluation), "input_gate": to_jsonable(config.input_gate)}
+    return fingerprint_of(STAGE, params, upstream, stage_code_hash(__name__))
 
 
 @dataclass(frozen=True)
@@ -82,12 +100,19 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
     best = choice.best
     report_plots = _report_plots(trainer, scorer, models[best.name], best.name, cfg, choice.cv_stats, out)
     clinical = _clinical_evidence(ctx.config, run_dir, ingestion, transformation, arrays, scorer.val_probs[best.name], scorer.test_probs[best.name])
+    ood_gate, detector = _fit_ood(scorer, models[best.name], transformation, run_dir, out)
+    suite = _score_ood_suite(ctx, scorer, transformation, models[best.name], best, clinical["operating_point"], ood_gate, detector)
+    files += [run_dir.path / ood_gate.file] if ood_gate else []
     card = model_card.build_card(
         run_dir.run_id, best.name, ingestion, transformation, clinical["intervals"], clinical["bootstrap"],
         clinical["operating_point"], clinical["subgroups"], f"{choice.basis.replace('_', '-')} {cfg.selection_metric}",
+        calibration=best.calibration, ood=ood_gate, ood_suite=suite,
     )
     card_json, card_md = model_card.write_card(card, out)
-    table_md, table_json = _comparison(evaluations, trainer, best.name, cfg.selection_metric, out, choice.cv_stats, choice.ensemble, external_record)
+    table_md, table_json = _comparison(
+        evaluations, trainer, best.name, cfg.selection_metric, out, choice.cv_stats, choice.ensemble, external_record,
+        ood=(ood_gate, suite),
+    )
     files += [card_json, card_md] + [p for k, p in report_plots.items() if k != "confusion_matrix"] + [table_md, table_json]
     logger.info("best candidate by %s %s: %s", choice.basis.replace("_", "-"), cfg.selection_metric, best.name)
     return ModelEvaluationArtifact(
@@ -102,6 +127,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
         selection_basis=choice.basis, cross_validation=choice.cv_stats, **clinical,
         model_card_json=run_dir.relative(card_json), model_card_markdown=run_dir.relative(card_md),
         image_size=preprocessing.image_size, ensemble=choice.ensemble, external=external_record,
+        ood=ood_gate, ood_suite=suite,
     )
 
 
@@ -176,6 +202,7 @@ def _report_plots(
         "roc_curves": plots.roc_curves_png(arrays["test_y"], scorer.test_probs, classes, "ROC, test split", out / "roc_curves.png"),
         "training_curves": plots.training_curves_png({c.name: c.history for c in trainer.candidates}, out / "training_curves.png"),
         "confusion_matrix": out / f"confusion_{best}.png",
+        "reliability": _reliability_plot(scorer, best, out),
     }
     gradcam = _gradcam_gallery(model, arrays, scorer.preprocessing, classes, cfg.gradcam_per_class, scorer.test_probs[best], out)
     if gradcam is not None:
@@ -184,6 +211,20 @@ def _report_plots(
         fold_values = {c.name: tuple(getattr(f, cfg.selection_metric) for f in c.cv_fold_metrics) for c in trainer.candidates}
         report_plots["cv_folds"] = plots.folds_png(fold_values, cfg.selection_metric, out / "cv_folds.png")
     return report_plots
+
+
+def _reliability_plot(scorer: _Scorer, best: str, out: Path) -> Path:
+    """The chosen model's reliability curves, before and after temperature scaling, on validation and test."""
+    calibration, bins = scorer.scores[best].calibration, scorer.cfg.calibration_bins
+    curves: dict[str, dict[str, tuple[tuple[float, ...], tuple[float, ...]]]] = {}
+    for split, name in (("val", "validation"), ("test", "test")):
+        y, raw = scorer.arrays[f"{split}_y"], scorer.raw_probs[best][split]
+        states = {"before": raw, f"after (T = {calibration.temperature:.3f})": apply_temperature(raw, calibration.temperature)}
+        curves[name] = {}
+        for state, probs in states.items():
+            curve = reliability_curve(y, probs, bins)
+            curves[name][state] = (curve.confidence, curve.accuracy)
+    return plots.reliability_png(curves, f"{best}: reliability, before and after temperature scaling", out / "reliability.png")
 
 
 class _Scorer:
@@ -195,8 +236,9 @@ class _Scorer:
     ) -> None:
         self.arrays, self.preprocessing, self.device, self.classes, self.cfg = arrays, preprocessing, device, classes, cfg
         self.scores: dict[str, CandidateEvaluation] = {}
-        self.val_probs: dict[str, np.ndarray] = {}
+        self.val_probs: dict[str, np.ndarray] = {}  # calibrated: what serving answers
         self.test_probs: dict[str, np.ndarray] = {}
+        self.raw_probs: dict[str, dict[str, np.ndarray]] = {}  # before calibration, per split
 
     def probs(self, model: nn.Module, pixels: np.ndarray, tta: tuple[str, ...]) -> np.ndarray:
         return predict_proba(model, pixels, self.preprocessing, self.device, tta=tta)
@@ -212,14 +254,33 @@ class _Scorer:
             if tta_helps(val, flipped, self.cfg.selection_metric):
                 tta, val, val_probs = TTA_VIEWS, flipped, flipped_probs
         test_probs = self.probs(model, self.arrays["test_x"], tta)
-        self.val_probs[name], self.test_probs[name] = val_probs, test_probs
+        self.raw_probs[name] = {"val": val_probs, "test": test_probs}
+        calibration = self.calibrate(val_probs, test_probs)
+        self.val_probs[name] = apply_temperature(val_probs, calibration.temperature)
+        self.test_probs[name] = apply_temperature(test_probs, calibration.temperature)
         self.scores[name] = CandidateEvaluation(
-            name=name, validation=val, test=self.metrics("test", test_probs), checkpoint=checkpoint, members=members, tta=tta
+            name=name, validation=self.metrics("val", self.val_probs[name]), test=self.metrics("test", self.test_probs[name]),
+            checkpoint=checkpoint, members=members, tta=tta, calibration=calibration,
+        )
+
+    def calibrate(self, val_probs: np.ndarray, test_probs: np.ndarray) -> Calibration:
+        """Temperature scaling fitted on validation (``evaluation.calibration``), with ECE before and after."""
+        val_y, test_y = self.arrays["val_y"], self.arrays["test_y"]
+        method = self.cfg.calibration
+        temperature = fit_temperature(val_probs, val_y) if method == "temperature" else 1.0
+
+        def ece(y: np.ndarray, probs: np.ndarray) -> float:
+            return expected_calibration_error(y, probs, self.cfg.calibration_bins)
+
+        return Calibration(
+            method=method, temperature=temperature,
+            val_ece_before=ece(val_y, val_probs), val_ece_after=ece(val_y, apply_temperature(val_probs, temperature)),
+            test_ece_before=ece(test_y, test_probs), test_ece_after=ece(test_y, apply_temperature(test_probs, temperature)),
         )
 
     def score_external(self, models: dict[str, nn.Module], external: ExternalSet) -> None:
         for name, scores in self.scores.items():
-            probs = self.probs(models[name], external.pixels, scores.tta)
+            probs = apply_temperature(self.probs(models[name], external.pixels, scores.tta), scores.calibration.temperature)
             metrics = compute_metrics(external.labels, probs, self.classes, self.cfg.calibration_bins)
             self.scores[name] = dataclasses.replace(scores, external=metrics)
 
@@ -255,6 +316,73 @@ def decide_ensemble(
         chosen, reason = False, f"not chosen: {best.name} is better beyond resampling noise ({interval} excludes 0)"
     return EnsembleDecision(chosen=chosen, reason=reason, **dataclasses.asdict(comparison))
 
+
+
+def _fit_ood(
+    scorer: _Scorer, model: nn.Module, transformation: DataTransformationArtifact, run_dir: RunDir, out: Path
+) -> tuple[OODGate | None, OODDetector | None]:
+    """The chosen model's Mahalanobis OOD score: fitted on training features, threshold on validation."""
+    cfg = scorer.cfg
+    if cfg.ood == "none":
+        return None, None
+    train_x = resize_batch(transformation.load_array(run_dir.path, "train_x"), scorer.preprocessing.image_size)
+    train_y = transformation.load_array(run_dir.path, "train_y")
+    features = {
+        split: predict_proba_and_features(model, x, scorer.preprocessing, scorer.device)[1]
+        for split, x in (("train", train_x), ("val", scorer.arrays["val_x"]), ("test", scorer.arrays["test_x"]))
+    }
+    detector = fit_detector(features["train"], train_y, features["val"], len(scorer.classes), cfg.ood_acceptance)
+    accepted = {split: float(np.mean(detector.scores(features[split]) <= detector.threshold)) for split in ("val", "test")}
+    path = out / OOD_FILE
+    detector.save(path)
+    gate = OODGate(
+        method=cfg.ood, acceptance=cfg.ood_acceptance, threshold=detector.threshold,
+        member_thresholds=tuple(m.threshold for m in detector.members),
+        feature_dims=tuple(int(m.means.shape[1]) for m in detector.members),
+        file=run_dir.relative(path), sha256=sha256_file(path),
+        validation_accepted=accepted["val"], test_accepted=accepted["test"],
+    )
+    logger.info(
+        "OOD score (%s, %d member%s): threshold %.4f accepts %.3f of validation, %.3f of test",
+        gate.method, len(detector.members), "s" if len(detector.members) > 1 else "", gate.threshold,
+        gate.validation_accepted, gate.test_accepted,
+    )
+    return gate, detector
+
+
+def _score_ood_suite(
+    ctx: StageContext, scorer: _Scorer, transformation: DataTransformationArtifact, model: nn.Module,
+    best: CandidateEvaluation, point: OperatingPoint | None, gate: OODGate | None, detector: OODDetector | None,
+) -> tuple[OODSuiteKind, ...]:
+    """The OOD suite through serving's predict path (decode, input checks, OOD score): refusals per kind.
+
+    Built from this run's validation films (inverted and rotated copies) and what installs here (pydicom's CT
+    and MR files, matplotlib's images, synthetic images); scored with the run's ``input_gate`` config and no
+    operator warn list, so the figure says what the pushed model refuses by default.
+    """
+    if not ctx.config.evaluation.ood_suite:
+        return ()
+    from xray.evaluation.ood_suite import build_ood_suite  # imports matplotlib's and pydicom's sample data
+
+    films = transformation.load_array(ctx.run.path, "val_x")
+    items = build_ood_suite(list(films), max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
+    spec = ModelSpec(
+        architecture=best.name, class_names=scorer.classes, preprocessing=scorer.preprocessing, run_id=ctx.run.run_id,
+        data_fingerprint="", weights_sha256="", metrics={}, operating_point=point, members=best.members, tta=best.tta,
+        temperature=best.calibration.temperature if best.calibration else None, ood=gate, input_gate=ctx.config.input_gate,
+    )
+    loaded = LoadedModel(spec, model, model, scorer.device, "fp32", f"run {ctx.run.run_id} (evaluation)", detector)
+    answers = one_path.predict(loaded, [item.data for item in items], one_path.Policy(gate_config=ctx.config.input_gate))
+    kinds: dict[str, list[int]] = {}
+    for item, result in zip(items, answers):
+        counts = kinds.setdefault(item.kind, [0, 0, 0])
+        refused = not isinstance(result, one_path.Prediction)  # a refusal, or an upload serving cannot decode (4xx)
+        by_score = isinstance(result, one_path.Refusal) and any(r.code == one_path.OOD_REASON for r in result.reasons)
+        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + refused, counts[2] + by_score
+    suite = tuple(OODSuiteKind(kind, *counts) for kind, counts in kinds.items())
+    total, refused_all = sum(k.count for k in suite), sum(k.refused for k in suite)
+    logger.info("OOD suite: %d/%d refused (%s)", refused_all, total, ", ".join(f"{k.kind} {k.refused}/{k.count}" for k in suite))
+    return suite
 
 
 def _clinical_evidence(
@@ -349,8 +477,10 @@ def _comparison(
     cv_stats: dict[str, dict[str, float]] | None = None,
     decision: EnsembleDecision | None = None,
     external: dict[str, Any] | None = None,
+    ood: tuple[OODGate | None, tuple[OODSuiteKind, ...]] = (None, ()),
 ) -> tuple[Path, Path]:
-    """comparison.json and comparison.md: one row per candidate (and the ensemble), the choice and its basis."""
+    """comparison.json and comparison.md: one row per candidate (and the ensemble), the choice and its basis;
+    the chosen model's OOD threshold and the OOD suite's refusals per kind."""
     rows = _comparison_rows(evaluations, trainer, best, cv_stats)
     json_path = out / "comparison.json"
     folds = int(next(iter(cv_stats.values()))["folds"]) if cv_stats else 0
@@ -360,6 +490,9 @@ def _comparison(
         summary["ensemble"] = dataclasses.asdict(decision)
     if external:
         summary["external"] = external
+    gate, suite = ood
+    if gate is not None:
+        summary["ood"] = {**to_jsonable(gate), "suite": [{**to_jsonable(k), "refusal_rate": k.refusal_rate} for k in suite]}
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"Chosen by {basis}: **{best}**", "", *_comparison_table(rows)]
     if decision is not None:
@@ -368,6 +501,7 @@ def _comparison(
         counts = ", ".join(f"{name} {n}" for name, n in external["counts"].items())
         lines += ["", f"External check: {external['uri']} ({counts} films; classes {external['classes']}), "
                   "scored through the serving path (`load_for_model`)."]
+    lines += _ood_lines(best, *ood)
     if cv_stats:
         lines += ["", f"Cross-validation, {metric} per candidate (mean ± std over {folds} folds):", ""]
         lines += [f"- {r['candidate']}: {r['cv_mean']:.4f} ± {r['cv_std']:.4f}" for r in rows if "cv_mean" in r]
@@ -379,6 +513,21 @@ def _comparison(
     md_path = out / "comparison.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, json_path
+
+
+def _ood_lines(best: str, gate: OODGate | None, suite: tuple[OODSuiteKind, ...]) -> list[str]:
+    if gate is None:
+        return []
+    lines = [
+        "", f"OOD gate ({best}): {gate.method} score <= {gate.threshold:.4f} is accepted (set on validation to accept "
+        f"{gate.acceptance:.0%}); accepted: validation {gate.validation_accepted:.3f}, test {gate.test_accepted:.3f}.",
+    ]
+    if suite:
+        total, refused = sum(k.count for k in suite), sum(k.refused for k in suite)
+        lines += ["", f"OOD suite through the serving predict path: {refused}/{total} refused ({refused / total:.1%}).", "",
+                  "| kind | inputs | refused | rate | by the OOD score |", "|---|---|---|---|---|"]
+        lines += [f"| {k.kind} | {k.count} | {k.refused} | {k.refusal_rate:.1%} | {k.refused_by_ood_score} |" for k in suite]
+    return lines
 
 
 def _comparison_rows(
@@ -400,6 +549,8 @@ def _comparison_rows(
             "test_accuracy": e.test.accuracy,
             "test_macro_f1": e.test.macro_f1,
             "test_ece": e.test.ece,
+            "test_ece_before_calibration": e.calibration.test_ece_before if e.calibration else None,
+            "temperature": e.calibration.temperature if e.calibration else None,
             "external_roc_auc": e.external.roc_auc if e.external else None,
             "external_accuracy": e.external.accuracy if e.external else None,
             "best_epoch": None if e.members else trained[0].best_epoch,
@@ -417,7 +568,7 @@ def _comparison_rows(
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table; external columns only when the external check ran."""
     with_external = any(r["external_accuracy"] is not None for r in rows)
-    header = "| candidate | TTA | val AUC | val acc | test AUC | test acc | test F1 | test ECE |"
+    header = "| candidate | TTA | val AUC | val acc | test AUC | test acc | test F1 | T | test ECE (before T) |"
     header += " ext AUC | ext acc |" if with_external else ""
     header += " epochs | img/s | params |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -426,7 +577,8 @@ def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
         name = f"{r['candidate']} ({' + '.join(r['members'])})" if r["members"] else r["candidate"]
         line = (
             f"| {name}{mark} | {', '.join(r['tta']) or '-'} | {r['val_roc_auc']:.4f} | {r['val_accuracy']:.4f} | "
-            f"{r['test_roc_auc']:.4f} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['test_ece']:.4f} |"
+            f"{r['test_roc_auc']:.4f} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | {r['temperature']:.3f} | "
+            f"{r['test_ece']:.4f} ({r['test_ece_before_calibration']:.4f}) |"
         )
         if with_external:
             line += f" {r['external_roc_auc']:.4f} | {r['external_accuracy']:.4f} |"

@@ -14,6 +14,7 @@ failure before that leaves the store and ``latest`` as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -26,9 +27,10 @@ from xray.entity.artifact_entity import (
     ModelPusherArtifact,
     SplitMetrics,
 )
-from xray.entity.config_entity import GateConfig, PipelineConfig
+from xray.entity.config_entity import GateConfig, InputGateConfig, PipelineConfig
 from xray.errors import XrayError
 from xray.evaluation.metrics import compute_metrics
+from xray.serving.ood import OOD_FILE
 from xray.serving.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
 from xray.audit.seal import seal_evidence
 from xray.data.preprocessing import preprocessing_of
@@ -62,7 +64,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelPusherArtifact:
     ingestion, transformation = inputs.get(DataIngestionArtifact), inputs.get(DataTransformationArtifact)
     evaluation = inputs.get(ModelEvaluationArtifact)
     best, metric = evaluation.chosen(), evaluation.selection_metric
-    reasons = _gate_reasons(best.test, config.gate)
+    reasons = _gate_reasons(best.test, config.gate) + _ood_reasons(evaluation, config.gate)
     candidate_score = best.test.value(metric)
     production_tag, production_score = None, None
     if config.gate.compare_with_production:
@@ -116,6 +118,23 @@ def _gate_reasons(test: SplitMetrics, gate: GateConfig) -> list[str]:
     return reasons
 
 
+def _ood_reasons(evaluation: ModelEvaluationArtifact, gate: GateConfig) -> list[str]:
+    """gate.min_ood_refusal: the OOD suite's refusal rate (all kinds together) must reach it; 0 is off."""
+    if gate.min_ood_refusal <= 0:
+        return []
+    suite = evaluation.ood_suite
+    if not suite:
+        return [f"gate.min_ood_refusal {gate.min_ood_refusal} is set but the OOD suite was not scored (evaluation.ood_suite)"]
+    total, refused = sum(k.count for k in suite), sum(k.refused for k in suite)
+    if refused / total < gate.min_ood_refusal:
+        worst = min(suite, key=lambda k: k.refusal_rate)
+        return [
+            f"OOD suite refusal rate {refused / total:.4f} ({refused}/{total}) is below gate.min_ood_refusal "
+            f"{gate.min_ood_refusal} (lowest kind: {worst.kind} {worst.refusal_rate:.4f})"
+        ]
+    return []
+
+
 def _rescore_production(
     run_dir: RunDir, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, model_name: str, metric: str
 ) -> tuple[str | None, float | None]:
@@ -129,7 +148,7 @@ def _rescore_production(
         logger.info("production %s has other classes %s; not comparable", production_tag, prod.spec.class_names)
         return None, None
     pixels, labels = split_pixels(run_dir.path, ingestion, transformation, "test", prod.spec.preprocessing.image_size)
-    prod_metrics = compute_metrics(labels, prod.predict_proba(pixels), transformation.class_names)
+    prod_metrics = compute_metrics(labels, prod.calibrated_proba(pixels), transformation.class_names)
     return production_tag, prod_metrics.value(metric)
 
 
@@ -140,6 +159,7 @@ def model_spec(
     evaluation: ModelEvaluationArtifact,
     checkpoint: Path,
     seal_digest: str | None = None,
+    input_gate: InputGateConfig | None = None,
 ) -> ModelSpec:
     """The chosen model's spec: what the pusher stores and what an MLflow export logs."""
     best = evaluation.chosen()
@@ -155,6 +175,9 @@ def model_spec(
         members=best.members,
         tta=best.tta,
         seal_digest=seal_digest,
+        temperature=best.calibration.temperature if best.calibration else None,
+        ood=dataclasses.replace(evaluation.ood, file=OOD_FILE) if evaluation.ood else None,
+        input_gate=input_gate,
     )
 
 
@@ -192,7 +215,7 @@ def _add_to_store(
 
     best = evaluation.chosen()
     checkpoint = run_dir.path / evaluation.best_checkpoint
-    spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint, seal_digest=evidence)
+    spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint, evidence, config.input_gate)
     metrics = spec.metrics
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
@@ -217,11 +240,16 @@ def _add_to_store(
     }
     if spec.operating_point is not None:
         metadata["operating_point"] = to_jsonable(spec.operating_point)
+    if spec.temperature is not None:
+        metadata["temperature"] = spec.temperature
+    if spec.ood is not None:  # serving checks the statistics file against this, as it checks the weights
+        metadata.update(ood_stats_sha256=spec.ood.sha256, ood_threshold=spec.ood.threshold)
     try:
         # BentoML builds the model in a temporary folder and registers it in the store on a clean exit.
         with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
             card = run_dir.path / evaluation.model_card_json if evaluation.model_card_json else None
-            write_model_dir(Path(model.path), spec, checkpoint, card)
+            stats = run_dir.path / evaluation.ood.file if evaluation.ood else None
+            write_model_dir(Path(model.path), spec, checkpoint, card, stats)
     except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
         raise XrayError(f"push to BentoML model store failed: {exc}") from exc
 

@@ -350,6 +350,50 @@ class SubgroupMetrics:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling fitted on validation; top-label ECE before and after it, on validation and test.
+
+    ``temperature`` 1.0 with method ``none``: evaluation.calibration was none.
+    """
+
+    method: str  # temperature | none
+    temperature: float
+    val_ece_before: float
+    val_ece_after: float
+    test_ece_before: float
+    test_ece_after: float
+
+
+@dataclass(frozen=True)
+class OODGate:
+    """The model's own OOD score as shipped (``xray.serving.ood``): ``score <= threshold`` is accepted."""
+
+    method: str  # mahalanobis: smallest class-conditional distance, shared LedoitWolf covariance (Lee et al. 2018)
+    acceptance: float  # evaluation.ood_acceptance: the share of validation films the threshold accepts
+    threshold: float
+    member_thresholds: tuple[float, ...]  # each member's own threshold on its squared distance
+    feature_dims: tuple[int, ...]  # penultimate feature size per member
+    file: str  # the statistics (.npz): run-relative in evaluation, the file name in a model directory
+    sha256: str  # of that file; serving refuses a file that differs
+    validation_accepted: float  # measured share accepted: validation (about ``acceptance``) and test
+    test_accepted: float
+
+
+@dataclass(frozen=True)
+class OODSuiteKind:
+    """One kind of the OOD suite (``xray.evaluation.ood_suite``) through the serving predict path."""
+
+    kind: str
+    count: int
+    refused: int
+    refused_by_ood_score: int  # of those, refused (also) by the model's own score
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.refused / self.count if self.count else float("nan")
+
+
+@dataclass(frozen=True)
 class CandidateEvaluation:
     name: str
     validation: SplitMetrics
@@ -359,6 +403,7 @@ class CandidateEvaluation:
     members: tuple[str, ...] = ()  # an ensemble's member models (candidates, or a k-fold bag's folds), in state_dict order
     tta: tuple[str, ...] = ()  # test-time views used for every score below (and by serving)
     external: SplitMetrics | None = None  # the external check (evaluation.external), when configured
+    calibration: Calibration | None = None  # the metrics above are of the calibrated probabilities
 
 
 @dataclass(frozen=True)
@@ -406,6 +451,8 @@ class ModelEvaluationArtifact:
     image_size: int = 0  # the size the models were trained and scored at (0: the transformation's)
     ensemble: EnsembleDecision | None = None
     external: dict[str, Any] = field(default_factory=dict)  # uri, class map, counts per class, unreadable files
+    ood: OODGate | None = None  # of the chosen candidate; None where evaluation.ood is none
+    ood_suite: tuple[OODSuiteKind, ...] = ()  # refusals per kind of the OOD suite, chosen candidate
 
     def chosen(self) -> CandidateEvaluation:
         """The chosen candidate's evaluation (``best_candidate``)."""

@@ -107,6 +107,10 @@ class EvaluationConfig:
     tta: str = "auto"  # test-time hflip averaging: auto (kept per model where it helps validation) | on | off
     external: str | None = None  # a folder of CLASS/ subfolders from another source, scored like /predict
     external_classes: dict[str, str] = field(default_factory=dict)  # model class -> subfolder of external
+    calibration: str = "temperature"  # temperature scaling fitted on validation, served | none
+    ood: str = "mahalanobis"  # the model's own OOD score (penultimate features), shipped and served | none
+    ood_acceptance: float = 0.99  # share of validation films the OOD threshold accepts
+    ood_suite: bool = True  # score the OOD suite (non-radiographs, inverted and rotated films) through /predict's path
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class GateConfig:
     min_accuracy: float = 0.0
     min_class_recall: float = 0.0
     compare_with_production: bool = True
+    min_ood_refusal: float = 0.0  # share of the OOD suite that must be refused; 0: off
 
 
 @dataclass(frozen=True)

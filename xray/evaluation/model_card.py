@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from xray.entity.artifact_entity import (
+    Calibration,
     DataIngestionArtifact,
     DataTransformationArtifact,
     Interval,
+    OODGate,
+    OODSuiteKind,
     OperatingPoint,
     SubgroupMetrics,
 )
@@ -57,6 +60,9 @@ def build_card(
     point: OperatingPoint | None,
     subgroups: tuple[SubgroupMetrics, ...],
     selection: str,
+    calibration: Calibration | None = None,
+    ood: OODGate | None = None,
+    ood_suite: tuple[OODSuiteKind, ...] = (),
 ) -> dict[str, Any]:
     classes = list(transformation.class_names)
     threshold = point.threshold if point else None
@@ -87,6 +93,8 @@ def build_card(
             "performance_metrics": metrics,
             "bootstrap": bootstrap,
             "operating_point": _operating_point(point),
+            "calibration": _calibration(calibration),
+            "ood_gate": _ood_gate(ood, ood_suite),
         },
         "considerations": {
             "users": [{"description": "radiologists and clinical ML engineers evaluating the model; auditors"}],
@@ -114,6 +122,39 @@ def _operating_point(point: OperatingPoint | None) -> dict[str, Any] | None:
         "chosen_on": "validation",
         "validation_sensitivity": _number(point.validation_sensitivity),
         "validation_specificity": _number(point.validation_specificity),
+    }
+
+
+def _calibration(calibration: Calibration | None) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    return {
+        "method": calibration.method,
+        "temperature": round(calibration.temperature, 6),
+        "fitted_on": "validation",
+        "ece": {
+            "validation": {"before": _number(calibration.val_ece_before), "after": _number(calibration.val_ece_after)},
+            "test": {"before": _number(calibration.test_ece_before), "after": _number(calibration.test_ece_after)},
+        },
+        "served": "calibrated probabilities; the operating point is chosen on them",
+    }
+
+
+def _ood_gate(ood: OODGate | None, suite: tuple[OODSuiteKind, ...]) -> dict[str, Any] | None:
+    if ood is None:
+        return None
+    return {
+        "method": ood.method,
+        "description": "smallest class-conditional Mahalanobis distance on penultimate features, shared Ledoit-Wolf "
+        "covariance fitted on training films (Lee et al. 2018); an ensemble averages its members' distances, "
+        "each over its own threshold",
+        "threshold": ood.threshold,
+        "acceptance": ood.acceptance,
+        "chosen_on": "validation",
+        "validation_accepted": _number(ood.validation_accepted),
+        "test_accepted": _number(ood.test_accepted),
+        "suite": [{"kind": k.kind, "inputs": k.count, "refused": k.refused, "refusal_rate": _number(k.refusal_rate),
+                   "refused_by_ood_score": k.refused_by_ood_score} for k in suite],
     }
 
 
@@ -180,6 +221,7 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"for sensitivity ≥ {point['target_sensitivity']} (validation: sensitivity {point['validation_sensitivity']}, "
             f"specificity {point['validation_specificity']}).", "",
         ]
+    lines += _calibration_lines(analysis.get("calibration")) + _ood_lines(analysis.get("ood_gate"))
     lines += [
         f"## Metrics (bootstrap 95 % intervals, {analysis['bootstrap'].get('resamples')} resamples, seed {analysis['bootstrap'].get('seed')})",
         "", "| slice | metric | value | 95 % interval |", "|---|---|---|---|",
@@ -195,6 +237,30 @@ def render_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
+    if not calibration:
+        return []
+    ece = calibration["ece"]
+    return [
+        "## Calibration", "",
+        f"{calibration['method']} scaling, T = {calibration['temperature']:.4f}, fitted on validation; served probabilities "
+        f"are calibrated. Top-label ECE before → after: validation {ece['validation']['before']} → {ece['validation']['after']}, "
+        f"test {ece['test']['before']} → {ece['test']['after']} (reliability curves: `reliability.png`).", "",
+    ]
+
+
+def _ood_lines(ood: dict[str, Any] | None) -> list[str]:
+    if not ood:
+        return []
+    lines = [
+        "## Out-of-distribution gate", "",
+        f"{ood['description']}. Accepted when the score is ≤ {ood['threshold']:.4f}, set on validation to accept "
+        f"{ood['acceptance']:.0%} of its films; accepted: validation {ood['validation_accepted']}, test {ood['test_accepted']}.", "",
+    ]
+    if ood["suite"]:
+        lines += ["| OOD suite kind | inputs | refused | rate |", "|---|---|---|---|"]
+        lines += [f"| {k['kind']} | {k['inputs']} | {k['refused']} | {k['refusal_rate']} |" for k in ood["suite"]] + [""]
+    return lines
 def quality_section(ingestion: DataIngestionArtifact) -> dict[str, Any] | None:
     """The ingested films' quality profile (xray/data/quality.py): what a degraded copy of a dataset shows."""
     profile = ingestion.quality

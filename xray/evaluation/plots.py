@@ -79,6 +79,22 @@ def folds_png(scores: dict[str, tuple[float, ...]], metric: str, path: Path) -> 
     return _save(fig, path)
 
 
+def reliability_png(curves: dict[str, dict[str, tuple[tuple[float, ...], tuple[float, ...]]]], title: str, path: Path) -> Path:
+    """One panel per split, one line per state (before / after calibration): accuracy against confidence.
+
+    ``curves``: split -> state -> (mean confidence per bin, accuracy per bin); the diagonal is perfect calibration.
+    """
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.8), squeeze=False)
+    for ax, (split, states) in zip(axes[0], curves.items()):
+        ax.plot([0, 1], [0, 1], ls=":", c="grey", label="perfectly calibrated")
+        for state, (confidence, accuracy) in states.items():
+            ax.plot(confidence, accuracy, marker="o", label=state)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)", ylabel="accuracy", title=split)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

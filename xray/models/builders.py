@@ -95,8 +95,13 @@ class Ensemble(nn.Module):
         self.names = names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
-        return torch.log(probs.clamp_min(1e-12))
+        return log_mean_probability([m(x) for m in self.members])
+
+
+def log_mean_probability(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    """An ensemble's output from its members' logits: the log of their mean softmax."""
+    probs = torch.stack([torch.softmax(z.float(), dim=1) for z in member_logits]).mean(dim=0)
+    return torch.log(probs.clamp_min(1e-12))
 
 
 ENSEMBLE = "ensemble"
@@ -234,6 +239,38 @@ def load_candidate(candidate: CandidateModel, run_path: Path, num_classes: int) 
         build_ensemble(candidate.members, num_classes) if candidate.members else build_model(candidate.name, num_classes)
     )
     return load_checkpoint(model, run_path / candidate.checkpoint)
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The globally pooled features a single model's classifier reads (``N×D``), for the OOD score.
+
+    ``classifier_head(model)(penultimate(model, x))`` is ``model(x)``: the
+    features are taken where each architecture's own forward pass has them.
+    """
+    if isinstance(model, SimpleCNN):
+        return model.pool(model.features(x)).flatten(1)
+    if isinstance(model, Ensemble):
+        raise TypeError("an ensemble has one feature vector per member: use member_outputs")
+    # torchvision DenseNet.forward: features -> ReLU -> global average pool -> classifier
+    return nn.functional.adaptive_avg_pool2d(nn.functional.relu(model.features(x)), 1).flatten(1)
+
+
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The layer(s) that turn ``penultimate`` features into logits."""
+    return model.classifier
+
+
+def member_outputs(model: nn.Module) -> list[nn.Module]:
+    """The single models whose features are scored: an ensemble's members, else the model itself."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass: the model's output (as ``model(x)``) and each member's penultimate features."""
+    members = member_outputs(model)
+    features = [penultimate(m, x) for m in members]
+    logits = [classifier_head(m)(f) for m, f in zip(members, features)]
+    return (log_mean_probability(logits) if isinstance(model, Ensemble) else logits[0]), features
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:

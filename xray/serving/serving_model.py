@@ -1,7 +1,10 @@
 """The servable model: what the pusher writes into BentoML's store and what serving loads.
 
-A model directory holds ``weights.pt`` (a state_dict) and ``model.json``
-(architecture, classes, preprocessing, provenance). Serving, the pusher's
+A model directory holds ``weights.pt`` (a state_dict), ``model.json``
+(architecture, classes, preprocessing, provenance, the operating point, the
+calibration temperature and the OOD threshold) and, where the model has an
+OOD score, ``ood_stats.npz`` (its class means and precision matrices, whose
+sha256 ``model.json`` records and serving checks like the weights'). Serving, the pusher's
 re-scoring of production and the app's predict page all load it here, so
 they cannot disagree on preprocessing.
 """
@@ -21,10 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray.entity.artifact_entity import OperatingPoint
-from xray.entity.config_entity import DEFAULT_MODEL_NAME
+from xray.entity.artifact_entity import OODGate, OperatingPoint
+from xray.entity.config_entity import DEFAULT_MODEL_NAME, InputGateConfig
 from xray.errors import XrayError
-from xray.serving.inference import choose_device, choose_precision, predict_proba, prepare_model
+from xray.serving.inference import (
+    apply_temperature,
+    choose_device,
+    choose_precision,
+    predict_proba,
+    predict_proba_and_features,
+    prepare_model,
+)
+from xray.serving.ood import OODDetector
 from xray.models.builders import build_ensemble, build_model, load_checkpoint
 from xray.data.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
@@ -49,6 +60,17 @@ class ModelSpec:
     members: tuple[str, ...] = ()  # architecture "ensemble": the members' architectures, in state_dict order
     tta: tuple[str, ...] = ()  # test-time views averaged with the plain image (chosen on validation)
     seal_digest: str | None = None  # the run's evidence seal the model was pushed on (``xray runs verify``)
+    temperature: float | None = None  # temperature scaling fitted on validation; None: pushed before calibration
+    ood: OODGate | None = None  # the OOD score's threshold and statistics file; None: pushed before the OOD gate
+    input_gate: InputGateConfig | None = None  # the run's input checks config; None: pushed before them (defaults)
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """What the model says about a batch: calibrated probabilities ``N×C`` and OOD scores ``N`` (NaN: no OOD gate)."""
+
+    probabilities: np.ndarray
+    ood_scores: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -63,17 +85,39 @@ class LoadedModel:
     device: torch.device
     precision: str
     tag: str = ""
+    ood: OODDetector | None = None
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The model's own probabilities (before calibration), as evaluation scored them."""
         return predict_proba(
             self.inference_model, pixels, self.spec.preprocessing, self.device,
             precision=self.precision, batch_size=batch_size, tta=self.spec.tta,
         )
 
+    def calibrated_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The probabilities serving answers: ``predict_proba`` at the shipped temperature."""
+        return apply_temperature(self.predict_proba(pixels, batch_size), self.spec.temperature)
 
-def write_model_dir(path: Path, spec: ModelSpec, checkpoint: Path, card: Path | None = None) -> None:
-    """Copy the checkpoint byte for byte, so ``weights.pt`` matches ``spec.weights_sha256``."""
+    def scores(self, pixels: np.ndarray, batch_size: int = 64) -> ModelScores:
+        """Calibrated probabilities and the OOD score from one forward pass (the OOD score reads features)."""
+        if self.ood is None:
+            return ModelScores(self.calibrated_proba(pixels, batch_size), np.full(len(pixels), np.nan))
+        probs, features = predict_proba_and_features(
+            self.inference_model, pixels, self.spec.preprocessing, self.device,
+            precision=self.precision, batch_size=batch_size, tta=self.spec.tta,
+        )
+        return ModelScores(apply_temperature(probs, self.spec.temperature), self.ood.scores(features))
+
+
+def write_model_dir(
+    path: Path, spec: ModelSpec, checkpoint: Path, card: Path | None = None, ood_stats: Path | None = None
+) -> None:
+    """Copy the checkpoint (and OOD statistics) byte for byte, so they match the sha256s in ``spec``."""
     shutil.copyfile(checkpoint, path / WEIGHTS)
+    if spec.ood is not None:
+        if ood_stats is None:
+            raise XrayError(f"{SPEC} names OOD statistics {spec.ood.file} but none were given")
+        shutil.copyfile(ood_stats, path / spec.ood.file)
     (path / SPEC).write_text(json.dumps(to_jsonable(spec), indent=2) + "\n")
     if card is not None:
         shutil.copyfile(card, path / CARD)
@@ -100,11 +144,31 @@ class ModelIntegrityError(XrayError):
     """The weights on disk are not the weights that were pushed: serving refuses them."""
 
 
-def check_weights(path: Path, spec: ModelSpec, metadata_sha256: str | None, tag: str = "") -> None:
-    """Refuse weights whose sha256 differs from the model's metadata (and its model.json)."""
-    with open(path / WEIGHTS, "rb") as fh:  # hashlib, not xray.pipeline.store: the Bento packs only what serving imports
-        actual = hashlib.file_digest(fh, "sha256").hexdigest()
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:  # hashlib, not xray.pipeline.store: the Bento packs only what serving imports
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def check_weights(
+    path: Path, spec: ModelSpec, metadata_sha256: str | None, tag: str = "", metadata_ood_sha256: str | None = None
+) -> None:
+    """Refuse weights (or OOD statistics) whose sha256 differs from the model's metadata and its model.json.
+
+    A store entry whose metadata names OOD statistics but whose model.json has
+    none (the gate edited out) is refused too.
+    """
+    actual = _sha256(path / WEIGHTS)
     name = tag or str(path)
+    if metadata_ood_sha256 is not None and (spec.ood is None or spec.ood.sha256 != metadata_ood_sha256):
+        raise ModelIntegrityError(f"refusing model {name}: its metadata names OOD statistics that {SPEC} does not")
+    if spec.ood is not None:
+        stats = path / spec.ood.file
+        if Path(spec.ood.file).name != spec.ood.file or not stats.is_file():
+            raise ModelIntegrityError(f"refusing model {name}: {SPEC} names OOD statistics {spec.ood.file}, which are missing")
+        if (digest := _sha256(stats)) != spec.ood.sha256:
+            raise ModelIntegrityError(
+                f"refusing model {name}: {spec.ood.file} has sha256 {digest[:16]}…, {SPEC} says {spec.ood.sha256[:16]}…"
+            )
     if metadata_sha256 is not None and actual != metadata_sha256:
         raise ModelIntegrityError(
             f"refusing model {name}: {WEIGHTS} has sha256 {actual[:16]}…, its metadata says {metadata_sha256[:16]}…"
@@ -116,22 +180,25 @@ def check_weights(path: Path, spec: ModelSpec, metadata_sha256: str | None, tag:
 
 
 def load_model_dir(
-    path: Path, precision: str = "fp32", tag: str = "", metadata_sha256: str | None = None
+    path: Path, precision: str = "fp32", tag: str = "", metadata_sha256: str | None = None,
+    metadata_ood_sha256: str | None = None,
 ) -> LoadedModel:
     """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it).
 
-    ``metadata_sha256``: the weights' sha256 in the store's metadata; the weights must match it.
+    ``metadata_sha256`` (``metadata_ood_sha256``): the weights' (OOD statistics') sha256 in the store's
+    metadata; the files must match it.
     """
     path = Path(path)
     spec = read_spec(path)
-    check_weights(path, spec, metadata_sha256, tag)
+    check_weights(path, spec, metadata_sha256, tag, metadata_ood_sha256)
     model = build_for_spec(spec)
     load_checkpoint(model, path / WEIGHTS)
     device = choose_device()
     model = prepare_model(model, device).eval()
     precision = choose_precision(device, precision)
     inference_model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" and device.type == "cpu" else model
-    return LoadedModel(spec, model, inference_model, device, precision, tag)
+    ood = OODDetector.load(path / spec.ood.file) if spec.ood is not None else None
+    return LoadedModel(spec, model, inference_model, device, precision, tag, ood)
 
 
 def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
@@ -139,7 +206,10 @@ def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
     import bentoml
 
     model = bentoml.models.get(tag)
-    return load_model_dir(Path(model.path), precision, str(model.tag), model.info.metadata.get("weights_sha256"))
+    metadata = model.info.metadata
+    return load_model_dir(
+        Path(model.path), precision, str(model.tag), metadata.get("weights_sha256"), metadata.get("ood_stats_sha256")
+    )
 
 
 def production_model_dir(model_name: str = DEFAULT_MODEL_NAME) -> tuple[str, Path] | None:

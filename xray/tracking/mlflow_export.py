@@ -249,7 +249,8 @@ def _model_dir(root: Path, manifest: Any, pusher: Any, scratch: Path) -> Path:
     transformation = load_stage_artifact(root, manifest, "data_transformation")
     evaluation = load_stage_artifact(root, manifest, "model_evaluation")
     checkpoint = root / manifest.run_id / evaluation.best_checkpoint
-    write_model_dir(scratch, model_spec(manifest.run_id, ingestion, transformation, evaluation, checkpoint), checkpoint)
+    stats = root / manifest.run_id / evaluation.ood.file if evaluation.ood else None
+    write_model_dir(scratch, model_spec(manifest.run_id, ingestion, transformation, evaluation, checkpoint), checkpoint, None, stats)
     return scratch
 
 
@@ -271,12 +272,13 @@ def _log_pyfunc(mlflow: Any, model_dir: Path, model_name: str) -> str:
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from xray.tracking.pyfunc_model import IMAGE_COLUMN, XrayPyfunc, probability_column
+    from xray.tracking.pyfunc_model import IMAGE_COLUMN, XrayPyfunc, output_columns
     from xray.serving.serving_model import read_spec
 
     spec = read_spec(model_dir)
     example = pd.DataFrame({IMAGE_COLUMN: [_example_image(model_dir)]})
-    output = pd.DataFrame({"label": [spec.class_names[0]], **{probability_column(n): [0.5] for n in spec.class_names}})
+    values = [spec.class_names[0], False, "[]", "[]", 0.5, 1.0] + [0.5] * len(spec.class_names)
+    output = pd.DataFrame([values], columns=output_columns(spec.class_names))
     package = Path(__file__).resolve().parents[1]
     requirements = [f"{name}=={metadata.version(name)}" for name in ("torch", "torchvision", "numpy", "pillow", "pandas")]
     info = mlflow.pyfunc.log_model(

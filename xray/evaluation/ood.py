@@ -1,0 +1,55 @@
+"""Fitting the Mahalanobis OOD score (see ``xray.serving.ood`` for the method and why).
+
+The class means come from the training films' features; the shared
+covariance from their deviations from their class mean, estimated with
+scikit-learn's ``LedoitWolf``: a few hundred films per class cannot fill a
+256- or 1024-dimensional covariance, and shrinkage keeps it invertible. The
+threshold is the ``acceptance`` quantile of the validation films' scores, so
+that share of in-distribution films is accepted by construction on
+validation, and test says whether it holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+
+from xray.errors import DataError
+from xray.serving.ood import MemberStats, OODDetector
+
+
+def acceptance_threshold(scores: np.ndarray, acceptance: float) -> float:
+    """The smallest score at or below which ``acceptance`` of ``scores`` lie (never zero)."""
+    if len(scores) == 0:
+        raise DataError("the validation split is empty: no OOD threshold can be set")
+    return max(float(np.quantile(scores, acceptance, method="higher")), 1e-12)
+
+
+def fit_member(
+    train_features: np.ndarray, train_labels: np.ndarray, num_classes: int, val_features: np.ndarray, acceptance: float
+) -> MemberStats:
+    """One single model's class means, shared LedoitWolf precision, and threshold on validation."""
+    x = np.asarray(train_features, dtype=np.float64)
+    present = [c for c in range(num_classes) if np.any(train_labels == c)]
+    if len(present) < num_classes:
+        raise DataError(f"the training split lacks classes {sorted(set(range(num_classes)) - set(present))}: no OOD fit")
+    means = np.stack([x[train_labels == c].mean(axis=0) for c in range(num_classes)])
+    covariance = LedoitWolf(assume_centered=True).fit(x - means[train_labels])
+    provisional = MemberStats(means, covariance.precision_, 1.0)
+    threshold = acceptance_threshold(provisional.distances(val_features), acceptance)
+    return MemberStats(means.astype(np.float32), covariance.precision_.astype(np.float32), threshold)
+
+
+def fit_detector(
+    train_features: list[np.ndarray],
+    train_labels: np.ndarray,
+    val_features: list[np.ndarray],
+    num_classes: int,
+    acceptance: float,
+) -> OODDetector:
+    """Every member fitted, then the model's threshold set on the combined validation scores."""
+    members = tuple(
+        fit_member(train, train_labels, num_classes, val, acceptance) for train, val in zip(train_features, val_features)
+    )
+    provisional = OODDetector(members, 1.0)
+    return OODDetector(members, acceptance_threshold(provisional.scores(val_features), acceptance))
