@@ -26,7 +26,7 @@ from xray.models.builders import build_ensemble, build_model, logits_and_feature
 from xray.pipeline.store import sha256_file
 from xray.serving import predict as one_path
 from xray.serving.inference import apply_temperature, predict_proba_and_features
-from xray.serving.ood import OOD_FILE, OODDetector
+from xray.models.ood import OOD_FILE, OODDetector
 from xray.serving.serving_model import ModelIntegrityError, ModelSpec, load_model_dir, write_model_dir
 
 CLASSES = ("covid", "normal", "pneumonia")

@@ -47,7 +47,7 @@ from xray.serving.inference import (
     prepare_model,
 )
 from xray.serving import predict as one_path
-from xray.serving.ood import OOD_FILE, OODDetector
+from xray.models.ood import OOD_FILE, OODDetector
 from xray.serving.serving_model import LoadedModel, ModelSpec
 from xray.evaluation.ood import fit_detector
 from xray.evaluation.calibration import fit_temperature, reliability_curve

@@ -30,7 +30,7 @@ from xray.entity.artifact_entity import (
 from xray.entity.config_entity import GateConfig, InputGateConfig, PipelineConfig
 from xray.errors import XrayError
 from xray.evaluation.metrics import compute_metrics
-from xray.serving.ood import OOD_FILE
+from xray.models.ood import OOD_FILE
 from xray.serving.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
 from xray.audit.seal import seal_evidence
 from xray.data.preprocessing import preprocessing_of

@@ -366,7 +366,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class OODGate:
-    """The model's own OOD score as shipped (``xray.serving.ood``): ``score <= threshold`` is accepted."""
+    """The model's own OOD score as shipped (``xray.models.ood``): ``score <= threshold`` is accepted."""
 
     method: str  # mahalanobis: smallest class-conditional distance, shared LedoitWolf covariance (Lee et al. 2018)
     acceptance: float  # evaluation.ood_acceptance: the share of validation films the threshold accepts

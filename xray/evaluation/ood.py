@@ -1,4 +1,4 @@
-"""Fitting the Mahalanobis OOD score (see ``xray.serving.ood`` for the method and why).
+"""Fitting the Mahalanobis OOD score (see ``xray.models.ood`` for the method and why).
 
 The class means come from the training films' features; the shared
 covariance from their deviations from their class mean, estimated with
@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 
 from xray.errors import DataError
-from xray.serving.ood import MemberStats, OODDetector
+from xray.models.ood import MemberStats, OODDetector
 
 
 def acceptance_threshold(scores: np.ndarray, acceptance: float) -> float:

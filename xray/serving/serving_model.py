@@ -35,7 +35,7 @@ from xray.serving.inference import (
     predict_proba_and_features,
     prepare_model,
 )
-from xray.serving.ood import OODDetector
+from xray.models.ood import OODDetector
 from xray.models.builders import build_ensemble, build_model, load_checkpoint
 from xray.data.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
