@@ -29,6 +29,7 @@ from xray.data.grouping import Grouper
 from xray.evaluation.operating_point import positive_indices
 from xray.data.preprocessing import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageDecodeError, decode_grayscale, open_image
 from xray.data.snapshot import load_npz_split
+from xray.data.sources.manifest import ingest_manifest, is_manifest
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
 
@@ -51,12 +52,19 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
     uri = config.data_uri.strip()
     grouper = Grouper.from_config(config.ingestion.group_by, config.ingestion.metadata_csv)
     out = run_dir.stage_dir(STAGE)
-    root, kind, dataset_path, s3_objects = _snapshot(uri, config, run_dir, out)
-    if kind == "npz":
+    # a manifest of sources (--data sources.yaml): each film keeps its source, patients grouped within it
+    manifest = (
+        ingest_manifest(uri, config.ingestion, run_dir.root / ".s3-mirror", out / "snapshot", _scan_folder)
+        if is_manifest(uri) else None
+    )
+    root, kind, dataset_path, s3_objects = manifest.snapshot(run_dir.path) if manifest else _snapshot(uri, config, run_dir, out)
+    if manifest:
+        items, class_names, unreadable, median_side = manifest.scanned()
+    elif kind == "npz":
         items, class_names, unreadable, median_side = _scan_npz(root, config.ingestion.class_names)
     else:
         items, class_names, unreadable, median_side = _scan_folder(root)
-    items = _with_groups(items, grouper)
+    items = items if manifest else _with_groups(items, grouper)
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
     # the configured operating point must name classes that exist: a typo fails now, not after training
@@ -75,8 +83,8 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
         "\n".join(sorted(f"{i.split}\t{i.label}\t{i.sha256}" for i in items)).encode()
     ).hexdigest()
     files = [index_file]
-    if kind in ("demo", "s3"):
-        files += [p for p in (run_dir.path / dataset_path).rglob("*") if p.is_file()]
+    if kind in ("demo", "s3") or s3_objects:
+        files += [p for p in (out / "snapshot" if manifest else run_dir.path / dataset_path).rglob("*") if p.is_file()]
     splits_given = tuple(s for s in ("train", "val", "test") if s in counts)
     logger.info(
         "ingested %d images in %d classes from %s (%s); splits given: %s",
@@ -88,7 +96,8 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
         source_uri=uri, source_kind=kind, dataset_path=dataset_path, class_names=tuple(class_names),
         splits_given=splits_given, counts=counts, num_images=len(items), data_fingerprint=data_fp,
         index_file=run_dir.relative(index_file), median_image_side=median_side, unreadable=tuple(unreadable),
-        duplicates=duplicates, leakage=leakage, s3_objects=s3_objects, grouping=grouper.describe(),
+        duplicates=duplicates, leakage=leakage, s3_objects=s3_objects,
+        grouping=manifest.grouping if manifest else grouper.describe(), sources=manifest.sources if manifest else (),
         num_groups=len({i.group or i.sha256 for i in items}), group_leakage=group_leakage,
         metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
         dicom_images=sum(1 for i in items if i.dicom is not None),
