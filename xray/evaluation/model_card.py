@@ -63,7 +63,7 @@ def build_card(
     for group in subgroups:
         slice_name = f"test, {group.column}={group.value} (n={group.count}{', small' if group.small else ''})"
         metrics += [_metric(k, v, slice_name, threshold if k in ("sensitivity", "specificity") else None) for k, v in group.intervals.items()]
-    limitations = _limitations(ingestion, transformation, subgroups) + single_source_warnings(ingestion)
+    limitations = _limitations(ingestion, transformation, subgroups) + source_warnings(ingestion)
     overview = (
         f"{architecture} classifying chest radiographs into {', '.join(classes)}; chosen by {selection}."
         + (f" Flags {' or '.join(point.positive)} when P(positive) >= {point.threshold:.4f}." if point else "")
@@ -162,17 +162,23 @@ def class_sources(ingestion: DataIngestionArtifact) -> dict[str, dict[str, int]]
     }
 
 
-def single_source_warnings(ingestion: DataIngestionArtifact) -> list[str]:
+def source_warnings(ingestion: DataIngestionArtifact) -> list[str]:
     """A class whose films all came from one of several sources may be recognised by that source's look
-    (scanner, hospital, age group) instead of its disease: said in plain words, per class."""
+    (scanner, hospital, age group) instead of its disease: said in plain words, per class; and a source
+    that names no patients may have one patient's films on both sides of the split."""
     if len(ingestion.sources) < 2:
         return []
-    return [
+    warnings = [
         f"Every {name} film came from {next(iter(per_source))}: the model may have learned that source's look "
         f"rather than the disease. Check it on {name} films from another source before trusting it there."
         for name, per_source in class_sources(ingestion).items()
         if len(per_source) == 1
     ]
+    ungrouped = [s.name for s in ingestion.sources if s.grouping == "none"]
+    if ungrouped and len(ungrouped) < len(ingestion.sources):
+        warnings.append(f"No patient grouping for source(s) {', '.join(ungrouped)} (group_by in the manifest): "
+                        "one patient's films from there may sit in both training and test.")
+    return warnings
 
 
 def render_markdown(card: dict[str, Any]) -> str:

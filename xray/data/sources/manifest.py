@@ -252,10 +252,11 @@ def ingest_manifest(uri: str, ingestion: IngestionConfig, mirror_root: Path, sna
         logger.info("source %s: %s", record.name, ", ".join(f"{c} {n}" for c, n in record.counts.items()) or "no films")
     sides = np.repeat([part[3] for part in scanned], [max(1, len(part[0])) for part in scanned])
     grouping = "; ".join(f"{r.name}: {r.grouping}" for r in records)
+    grouping = f"none (no source gives patients: {grouping})" if not any(s.group_by for s in sources) else f"per source ({grouping})"
     return ManifestData(
         root=common, items=tuple(items), class_names=class_names,
         unreadable=tuple(u for part in scanned for u in part[2]), median_side=int(np.median(sides)),
-        s3_objects=tuple(objects), sources=records, grouping=f"per source ({grouping})",
+        s3_objects=tuple(objects), sources=records, grouping=grouping,
     )
 
 
