@@ -47,7 +47,8 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
     kind, snapshot, scan = _take(uri, config, Place(out, run_dir.root))
     class_names, unreadable = scan.class_names, scan.unreadable
     dataset_path = run_dir.relative(snapshot.root) if snapshot.copied else str(snapshot.root)
-    items = _with_groups(scan.items, grouper)
+    # a source that groups its own films (a manifest: patients within each source) keeps its grouping
+    items = scan.items if scan.grouping is not None else _with_groups(scan.items, grouper)
     items, quality = profile_dataset(snapshot.root, kind, items, config, scan.median_side)  # input checks on every film
     counts = _counts(items)
     _check_classes(counts, class_names, config.ingestion.min_images_per_class, uri)
@@ -80,7 +81,8 @@ def run(ctx: StageContext, inputs: Inputs) -> DataIngestionArtifact:
         source_uri=uri, source_kind=kind, dataset_path=dataset_path, class_names=tuple(class_names),
         splits_given=splits_given, counts=counts, num_images=len(items), data_fingerprint=data_fp,
         index_file=run_dir.relative(index_file), median_image_side=scan.median_side, unreadable=tuple(unreadable),
-        duplicates=duplicates, leakage=leakage, s3_objects=snapshot.objects, grouping=grouper.describe(),
+        duplicates=duplicates, leakage=leakage, s3_objects=snapshot.objects,
+        grouping=scan.grouping if scan.grouping is not None else grouper.describe(), sources=scan.sources,
         num_groups=len({i.group or i.sha256 for i in items}), group_leakage=group_leakage,
         metadata_columns=tuple(sorted({k for i in items for k in i.metadata})),
         dicom_images=sum(1 for i in items if i.dicom is not None),

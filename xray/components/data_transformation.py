@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,8 @@ def run(ctx: StageContext, inputs: Inputs) -> DataTransformationArtifact:
     grouped = any(i.group is not None for i in items)
     if grouped:
         strategy += ", grouped by patient (StratifiedGroupKFold)"
+    if len({i.source for i in items}) > 1:
+        strategy += f", stratified by class and source ({len({i.source for i in items})} sources)"
     out = run_dir.stage_dir(STAGE)
     arrays, counts, train_pixels = _write_splits(splits, ingestion.class_names, decoder(ingestion, run_dir.path, size), out)
     files = [out / f"{split}_{part}.npy" for split in SPLITS for part in ("x", "y")] + [out / "splits.jsonl"]
@@ -91,7 +94,7 @@ def _write_splits(
             for row, item in enumerate(chosen):
                 index.write(json.dumps({
                     "split": split, "row": row, "label": item.label, "ref": item.ref, "sha256": item.sha256,
-                    "group": item.group, "metadata": item.metadata,
+                    "group": item.group, "metadata": item.metadata, "source": item.source,
                 }) + "\n")
             if split == "train":
                 train_pixels = pixels
@@ -132,9 +135,13 @@ def _stratified_groups(pool: list[Item], fraction: float, seed: int) -> tuple[li
     for item in pool:
         groups.setdefault(item.sha256, []).append(item)
     keys = sorted(groups)
-    labels = [Counter(i.label for i in groups[k]).most_common(1)[0][0] for k in keys]
-    counts = Counter(labels)
-    stratify = labels if min(counts.values()) >= 2 and len(keys) * fraction >= len(counts) else None
+    stratify = None
+    for stratum in _strata(pool):  # (class, source) first; class alone when those are too small to stratify on
+        labels = [Counter(stratum(i) for i in groups[k]).most_common(1)[0][0] for k in keys]
+        counts = Counter(labels)
+        if min(counts.values()) >= 2 and len(keys) * fraction >= len(counts):
+            stratify = labels
+            break
     try:
         keep, take = train_test_split(keys, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError as exc:
@@ -147,13 +154,22 @@ def _patient_split(pool: list[Item], fraction: float, seed: int) -> tuple[list[I
     """Grouped stratification: one fold of scikit-learn's StratifiedGroupKFold (about ``fraction`` of the pool)
     is taken out, so class balance is kept as far as whole patients allow and no patient is cut in two."""
     groups = _connected_groups(pool)
-    labels = [i.label for i in pool]
+    labels = [_strata(pool)[0](i) for i in pool]
     folds = max(2, round(1 / fraction))
     if len(set(groups)) < folds:
         raise DataError(f"cannot split {len(set(groups))} patient group(s) into train/val/test: too few patients")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     keep, take = next(splitter.split(np.zeros(len(pool)), labels, groups))
     return [pool[k] for k in keep], [pool[t] for t in take]
+
+
+def _strata(pool: list[Item]) -> list[Callable[[Item], str]]:
+    """What to stratify on, best first: (class, source) when the pool pools sources, so each source's classes
+    are spread over train, val and test alike (a source found only in train would be a look never tested)."""
+    by_class: Callable[[Item], str] = lambda item: item.label  # noqa: E731
+    if len({i.source for i in pool}) < 2:
+        return [by_class]
+    return [lambda item: f"{item.label}\t{item.source}", by_class]
 
 
 def _connected_groups(pool: list[Item]) -> list[int]:

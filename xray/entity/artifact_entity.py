@@ -81,6 +81,18 @@ class Item:
     group: str | None = None  # the patient (ingestion.group_by); None: the image is its own group
     metadata: dict[str, str] = field(default_factory=dict)  # the metadata CSV's other columns (sex, view, site…)
     dicom: dict[str, str | int] | None = None  # DICOM attributes that decided the pixels (modality, window…)
+    source: str = ""  # the manifest source it came from (``--data sources.yaml``); "" for a single source
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One source of a manifest: where its films came from and which of the model's classes they became."""
+
+    name: str
+    uri: str  # the resolved folder or s3:// prefix
+    classes: dict[str, str]  # the source's folder -> the model's class
+    grouping: str  # how its films were grouped into patients
+    counts: dict[str, int]  # the model's class -> films taken from this source
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ class QualityProfile:
 class DataIngestionArtifact:
     header: ArtifactHeader
     source_uri: str
-    source_kind: str  # folder | npz | s3 | demo
+    source_kind: str  # folder | npz | s3 | demo | manifest
     dataset_path: str  # what transformation reads: a folder or .npz (absolute, or relative to the run dir)
     class_names: tuple[str, ...]
     splits_given: tuple[str, ...]  # splits the source itself defines, e.g. ("train", "test")
@@ -144,6 +156,7 @@ class DataIngestionArtifact:
     metadata_columns: tuple[str, ...] = ()  # metadata CSV columns carried per image (sex, view, site…)
     dicom_images: int = 0  # how many images were DICOM (their attributes are in items.jsonl)
     quality: QualityProfile | None = None  # the input checks over every film; None: made before they existed
+    sources: tuple[SourceRecord, ...] = ()  # a manifest's sources (empty for a single source)
 
     def dataset_root(self, run_path: Path) -> Path:
         """The folder or .npz the images are read from."""

@@ -70,7 +70,7 @@ def build_card(
     for group in subgroups:
         slice_name = f"test, {group.column}={group.value} (n={group.count}{', small' if group.small else ''})"
         metrics += [_metric(k, v, slice_name, threshold if k in ("sensitivity", "specificity") else None) for k, v in group.intervals.items()]
-    limitations = _limitations(ingestion, transformation, subgroups)
+    limitations = _limitations(ingestion, transformation, subgroups) + source_warnings(ingestion)
     overview = (
         f"{architecture} classifying chest radiographs into {', '.join(classes)}; chosen by {selection}."
         + (f" Flags {' or '.join(point.positive)} when P(positive) >= {point.threshold:.4f}." if point else "")
@@ -192,7 +192,36 @@ def _data_entry(ingestion: DataIngestionArtifact, transformation: DataTransforma
         "patients_across_source_splits": len(ingestion.group_leakage),
         "duplicates_across_source_splits": len(ingestion.leakage),
         "quality_profile": quality_section(ingestion),
+        "sources_per_class": class_sources(ingestion),
     }
+
+
+def class_sources(ingestion: DataIngestionArtifact) -> dict[str, dict[str, int]]:
+    """Per class, the films each source of a manifest gave it (empty for a single source)."""
+    return {
+        name: {s.name: s.counts[name] for s in ingestion.sources if s.counts.get(name)}
+        for name in ingestion.class_names
+        if any(s.counts.get(name) for s in ingestion.sources)
+    }
+
+
+def source_warnings(ingestion: DataIngestionArtifact) -> list[str]:
+    """A class whose films all came from one of several sources may be recognised by that source's look
+    (scanner, hospital, age group) instead of its disease: said in plain words, per class; and a source
+    that names no patients may have one patient's films on both sides of the split."""
+    if len(ingestion.sources) < 2:
+        return []
+    warnings = [
+        f"Every {name} film came from {next(iter(per_source))}: the model may have learned that source's look "
+        f"rather than the disease. Check it on {name} films from another source before trusting it there."
+        for name, per_source in class_sources(ingestion).items()
+        if len(per_source) == 1
+    ]
+    ungrouped = [s.name for s in ingestion.sources if s.grouping == "none"]
+    if ungrouped and len(ungrouped) < len(ingestion.sources):
+        warnings.append(f"No patient grouping for source(s) {', '.join(ungrouped)} (group_by in the manifest): "
+                        "one patient's films from there may sit in both training and test.")
+    return warnings
 
 
 def render_markdown(card: dict[str, Any]) -> str:
@@ -207,6 +236,8 @@ def render_markdown(card: dict[str, Any]) -> str:
         "## Data", "",
         f"- source: `{data['source']}` ({data['source_kind']}); fingerprint `{data['fingerprint'][:16]}…`",
         "- images per split: " + "; ".join(f"{s}: {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})" for s, c in data["counts"].items()),
+        *[f"- {name} films came from: " + ", ".join(f"{s} {n}" for s, n in per_source.items())
+          for name, per_source in data.get("sources_per_class", {}).items()],
         f"- grouping: {data['grouping']}; {data['patient_groups']} groups; split: {data['split_strategy']}",
         f"- DICOM images: {data['dicom_images']}; unreadable files excluded: {data['unreadable_files']}; "
         f"patients across source splits: {data['patients_across_source_splits']}",

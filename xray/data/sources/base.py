@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from xray.entity.artifact_entity import Item, SourceObject, UnreadableFile
+from xray.entity.artifact_entity import Item, SourceObject, SourceRecord, UnreadableFile
 from xray.entity.config_entity import IngestionConfig
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Snapshot:
     root: Path  # the folder or archive they are read from
     copied: bool  # written into the run (its files are hashed into the artifact), or read where they are
     objects: tuple[SourceObject, ...] = ()  # remote objects as taken (S3), for the auditor
+    scanned: Scan | None = None  # a source that reads its films while taking them (a manifest) hands the scan on
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Scan:
     class_names: list[str]
     unreadable: list[UnreadableFile]
     median_side: int
+    sources: tuple[SourceRecord, ...] = ()  # a manifest's sources (empty for a single source)
+    grouping: str | None = None  # how the source grouped its films itself; None: ingestion.group_by applies
 
 
 class Source(ABC):

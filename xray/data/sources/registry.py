@@ -24,11 +24,12 @@ from xray.data.sources.base import Allowed, Allowlist, Source, either
 from xray.data.sources.demo import DemoSource
 from xray.data.sources.folder import FolderSource
 from xray.data.sources.local import LocalSource, confine_local
+from xray.data.sources.manifest import ManifestFileSource
 from xray.data.sources.npz import NpzSource
 from xray.data.sources.s3_source import S3Source
 from xray.errors import DataError
 
-SOURCES: tuple[Source, ...] = (DemoSource(), FolderSource(), NpzSource(), S3Source())
+SOURCES: tuple[Source, ...] = (DemoSource(), FolderSource(), ManifestFileSource(), NpzSource(), S3Source())
 
 
 def source_for(uri: str) -> Source:
