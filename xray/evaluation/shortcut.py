@@ -17,7 +17,7 @@ external data; it asks two questions of train+val, each scored by stratified
   the sources. An ``.npz`` source has no files: only the pixel features are used.
 - **masked_lungs**: the chosen model on films whose central box (the middle
   60 % of the width and 70 % of the height, where the lungs are) is filled with
-  the film's mean. A model that still names the class with the lungs hidden is
+  the mean of the rest of the film. A model that still names the class with the lungs hidden is
   reading something else: text, markers, collimation, body size. Scored two ways,
   the higher kept: the model's own answers, and a logistic readout of its masked
   outputs fitted per fold (masking can shift every answer towards one class and
@@ -200,13 +200,19 @@ def acquisition_probe(paths: list[Path | None], pixels: np.ndarray, labels: np.n
 
 
 def mask_center(pixels: np.ndarray) -> np.ndarray:
-    """Films with the central box (``MASK_WIDTH`` × ``MASK_HEIGHT`` of each side) filled with each film's mean."""
+    """Films with the central box (``MASK_WIDTH`` × ``MASK_HEIGHT`` of each side) filled with the mean outside it.
+
+    The fill is the mean of what stays visible, not of the whole film, so the hidden lungs leak nothing
+    (not even their overall brightness) into the masked film.
+    """
     n, height, width = pixels.shape
     h, w = round(MASK_HEIGHT * height), round(MASK_WIDTH * width)
     top, left = (height - h) // 2, (width - w) // 2
+    box = np.zeros((height, width), dtype=bool)
+    box[top : top + h, left : left + w] = True
     masked = pixels.copy()
-    means = np.rint(pixels.reshape(n, -1).mean(axis=1)).astype(np.uint8)
-    masked[:, top : top + h, left : left + w] = means[:, None, None]
+    means = np.rint(pixels[:, ~box].mean(axis=1)).astype(np.uint8)
+    masked[:, box] = np.repeat(means[:, None], int(box.sum()), axis=1)
     return masked
 
 
@@ -230,7 +236,7 @@ def masked_probe(
     return ShortcutProbe(
         name="masked_lungs", films=len(labels), balanced_accuracy=best, score=score_of(best, n_classes),
         method=(f"the chosen model on train+val films with the central {MASK_WIDTH:.0%} of the width and "
-                f"{MASK_HEIGHT:.0%} of the height filled with the film's mean; balanced accuracy of its own answers "
+                f"{MASK_HEIGHT:.0%} of the height filled with the mean outside it; balanced accuracy of its own answers "
                 f"({direct:.4f}) or of a logistic readout of its outputs, {FOLDS}-fold cross-validated ({refit:.4f}), the higher"),
     )
 
