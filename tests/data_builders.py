@@ -66,3 +66,23 @@ def npz_file(path: Path, n_train: int = 30, n_val: int = 10, rgb: bool = False) 
     val_x, val_y = make(n_val, 500)
     np.savez(path, train_images=train_x, train_labels=train_y, val_images=val_x, val_labels=val_y)
     return path
+
+
+def acquisition_folder(
+    root: Path, per_class: int = 40, suffixes: tuple[str, str] = (".png", ".png"), marker: bool = False,
+    centre_patch: bool = False, size: int = 48,
+) -> Path:
+    """Two classes ``a`` and ``b`` whose films are drawn alike (noise in 0..120) except for what is asked:
+    class b stored with ``suffixes[1]``, or with a bright marker in the top-left corner, or a bright centre patch."""
+    rng = np.random.default_rng(7)
+    for c, (name, suffix) in enumerate(zip(("a", "b"), suffixes)):
+        for i in range(per_class):
+            image = rng.integers(0, 120, (size, size)).astype(np.uint8)
+            if c == 1 and marker:
+                image[: size // 8, : size // 8] = 255
+            if c == 1 and centre_patch:
+                image[size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 255
+            path = root / name / f"{name}_{i:03d}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image, "L").save(path, quality=90) if suffix == ".jpg" else Image.fromarray(image, "L").save(path)
+    return root

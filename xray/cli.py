@@ -196,6 +196,7 @@ def format_summary(summary: RunSummary) -> str:
             f"{name:<14} {m.validation['roc_auc']:>8.4f} {m.validation['accuracy']:>8.4f} "
             f"{m.test['roc_auc']:>9.4f} {m.test['accuracy']:>9.4f}{mark}"
         )
+    lines += summary.generalization_lines()
     if summary.pushed is not None:
         if summary.pushed:
             lines.append(f"model: pushed as {summary.model_tag}")

@@ -15,8 +15,6 @@ import yaml
 from xray.entity.config_entity import CANDIDATES, PipelineConfig
 from xray.errors import ConfigError
 from xray.data.grouping import patient_pattern
-from xray.data.sources.folder import FolderSource
-from xray.data.sources.registry import source_for
 from xray.typed import SchemaError, from_mapping, to_jsonable
 
 DEFAULT_CONFIG_PATH = Path("config/pipeline.yaml")
@@ -91,6 +89,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "input_gate.max_colour_share": (0, 1),
     "input_gate.inverted_margin": (0, 5),
     "input_gate.rotated_margin": (0, 5),
+    "gate.max_shortcut_score": (0, 1),
+    "evaluation.shortcut_warn": (0, 1),
 }
 
 
@@ -118,6 +118,7 @@ def load_config(
 
 
 def config_from_mapping(raw: dict[str, Any]) -> PipelineConfig:
+    _migrate_external(raw)
     try:
         config = from_mapping(PipelineConfig, raw)
     except SchemaError as exc:
@@ -179,17 +180,35 @@ def validate(config: PipelineConfig) -> None:
 
 
 def _validate_evaluation(config: PipelineConfig) -> None:
-    ev = config.evaluation
-    if ev.external is None:
-        if ev.external_classes:
-            raise ConfigError("config: evaluation.external_classes is set but evaluation.external is not")
-        return
-    if not Path(ev.external).is_dir() or source_for(ev.external).kind != FolderSource.kind:
-        raise ConfigError(f"config: evaluation.external must be a local folder of CLASS/ subfolders, got {ev.external!r}")
-    if len(ev.external_classes) < 2:
+    """Each external source a local folder holding its mapped folders; the gate's thresholds inside 0..1.
+
+    Class names are checked once the data are known (``xray.evaluation.external.check_class_maps``).
+    """
+    for index, source in enumerate(config.evaluation.external):
+        key = f"evaluation.external[{index}]"
+        if not source.uri.strip():
+            raise ConfigError(f"config: {key}.uri is empty (a folder of CLASS/ subfolders from another source)")
+        if source.uri.startswith("s3://") or not Path(source.uri).is_dir():
+            raise ConfigError(f"config: {key}.uri must be a local folder of CLASS/ subfolders, got {source.uri!r}")
+        for folder, name in source.classes.items():
+            if not name.strip():
+                raise ConfigError(f"config: {key}.classes.{folder} names no model class")
+            if not (Path(source.uri) / folder).is_dir():
+                raise ConfigError(f"config: {key}.classes.{folder}: no folder {folder!r} in {source.uri}")
+    recall = config.gate.min_external_recall
+    for name, value in (recall.items() if isinstance(recall, dict) else [("", recall)]):
+        key = f"gate.min_external_recall{'.' + name if name else ''}"
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise ConfigError(f"config: {key} must be between 0 and 1, got {value!r}")
+
+
+def _migrate_external(raw: dict[str, Any]) -> None:
+    """The one-folder form (``evaluation.external: DIR`` + ``external_classes``) gets a one-line pointer to the list form."""
+    evaluation = raw.get("evaluation")
+    if isinstance(evaluation, dict) and (isinstance(evaluation.get("external"), str) or "external_classes" in evaluation):
         raise ConfigError(
-            "config: evaluation.external needs evaluation.external_classes mapping each model class to a subfolder, "
-            'e.g. {normal: Normal, pneumonia: "Viral Pneumonia"}'
+            "config: evaluation.external is a list of sources, each {uri: DIR, classes: {FOLDER: MODEL_CLASS}}, "
+            "e.g. --set 'evaluation.external=[{uri: DIR, classes: {Normal: normal}}]' (evaluation.external_classes is gone)"
         )
 
 

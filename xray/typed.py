@@ -41,6 +41,12 @@ def from_mapping(cls: type[T], data: Any, path: str = "") -> T:
         raise SchemaError(
             f"unknown key {where}{unknown[0]!s} (known keys: {', '.join(sorted(fields))})"
         )
+    missing = [
+        f.name for f in fields.values()
+        if f.init and f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise SchemaError(f"{path or cls.__name__}: missing key {missing[0]}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)

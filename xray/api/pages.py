@@ -133,6 +133,7 @@ def run_page(
         "run": view.detail,
         "manifest": manifest,
         "evaluation": evaluation,
+        "external": view.external,
         "lineage": view.lineage,
         "verification": verification,
         "config_yaml": yaml.safe_dump(manifest.config, sort_keys=False, default_flow_style=False),

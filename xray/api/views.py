@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from xray.api.schemas import CandidateScores, Progress, PushDecision, RunDetail, RunSummary, StageInfo
+from xray.entity.artifact_entity import ModelEvaluationArtifact
 from xray.entity.run_summary import RunSummary as StoredSummary
 from xray.errors import RunError
 from xray.pipeline.store import STAGES, RunManifest, load_stage_artifact
@@ -59,10 +60,39 @@ class Lineage:
 
 
 @dataclass(frozen=True)
+class ExternalRow:
+    """One line of the run page's external table: a class on one source, or pooled over every source."""
+
+    source: str  # the source's name, or "all sources"
+    model_class: str
+    films: int
+    recall: float | None
+    misses: str  # "Covid 149, Viral Pneumonia 1"
+    roc_auc: float | None
+    pooled: bool = False
+
+
+@dataclass(frozen=True)
 class RunView:
     detail: RunDetail
     artifacts: dict[str, Any] = field(default_factory=dict)  # stage -> typed artifact
     lineage: tuple[Lineage, ...] = ()
+    external: tuple[ExternalRow, ...] = ()  # the chosen model's external checks, per source and class, then pooled
+
+
+def external_rows(evaluation: ModelEvaluationArtifact | None) -> tuple[ExternalRow, ...]:
+    """The chosen model's external checks as table rows (empty when none were configured)."""
+    check = evaluation.external_check() if evaluation is not None else None
+    if check is None:
+        return ()
+    rows = [(s.name, r, False) for s in check.sources for r in s.per_class] + [("all sources", r, True) for r in check.pooled]
+    return tuple(
+        ExternalRow(
+            source=name, model_class=r.model_class, films=r.films, recall=r.recall, roc_auc=r.roc_auc, pooled=pooled,
+            misses=", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1])) or "–",
+        )
+        for name, r, pooled in rows
+    )
 
 
 def load_view(root: Path, manifest: RunManifest) -> RunView:
@@ -105,7 +135,7 @@ def load_view(root: Path, manifest: RunManifest) -> RunView:
         gradcam=gradcam,
         problems=problems,
     )
-    return RunView(detail=detail, artifacts=artifacts, lineage=_lineage(manifest, artifacts))
+    return RunView(detail=detail, artifacts=artifacts, lineage=_lineage(manifest, artifacts), external=external_rows(evaluation))
 
 
 def _lineage(manifest: RunManifest, artifacts: dict[str, Any]) -> tuple[Lineage, ...]:

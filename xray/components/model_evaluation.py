@@ -27,17 +27,18 @@ from xray.entity.artifact_entity import (
     DataIngestionArtifact,
     DataTransformationArtifact,
     EnsembleDecision,
+    ExternalCheck,
     ModelEvaluationArtifact,
     OODGate,
     OODSuiteKind,
     OperatingPoint,
     ModelTrainerArtifact,
+    ShortcutCheck,
     SplitMetrics,
 )
 from xray.entity.config_entity import EvaluationConfig, PipelineConfig
 from xray.evaluation.explain import gradcam_overlays
 from xray.evaluation import selection
-from xray.evaluation.external import ExternalSet, load_external
 from xray.serving.inference import (
     TTA_VIEWS,
     apply_temperature,
@@ -55,6 +56,10 @@ from xray.evaluation.metrics import compute_metrics, expected_calibration_error
 from xray.models.builders import ENSEMBLE, flat_ensemble, load_candidate
 from xray.evaluation.operating_point import operating_point, positive_indices
 from xray.data.preprocessing import Preprocessing, preprocessing_of, resize_batch
+from xray.evaluation import external as external_check
+from xray.evaluation import shortcut
+from xray.evaluation.external import ExternalFilms
+from xray.data.snapshot import SPLITS
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
 from xray.typed import to_jsonable
@@ -69,7 +74,14 @@ def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
     """The evaluation settings and the input checks (the OOD suite runs through them), the data and the models."""
     upstream = [inputs.get(DataTransformationArtifact).header.fingerprint, inputs.get(ModelTrainerArtifact).header.fingerprint]
     params = {"evaluation": to_jsonable(config.evaluation), "input_gate": to_jsonable(config.input_gate)}
+    if config.evaluation.external:  # the films themselves, so a changed external folder is scored again
+        params["external_files"] = external_check.listing(config.evaluation.external)
     return fingerprint_of(STAGE, params, upstream, stage_code_hash(__name__))
+
+
+def check_class_maps(config: PipelineConfig, class_names: tuple[str, ...]) -> None:
+    """Run once the data's classes are known, before training: external class maps and per-class gates name real classes."""
+    external_check.check_class_maps(config.evaluation, config.gate, class_names)
 
 
 @dataclass(frozen=True)
@@ -93,12 +105,14 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
     arrays = {k: resize_batch(v, preprocessing.image_size) if k.endswith("_x") else v for k, v in arrays.items()}
     scorer = _Scorer(arrays, preprocessing, choose_device(), classes, cfg)
     models = _score_models(scorer, trainer, run_dir, out, cfg)
-    external_record = _score_external(scorer, models, cfg, preprocessing)
+    if cfg.external:
+        scorer.score_external(models, external_check.load_external(cfg.external, classes, preprocessing))
     evaluations = _with_confusion_plots(scorer, classes, run_dir, out)
     files = [out / f"confusion_{e.name}.png" for e in evaluations] + ([out / f"{ENSEMBLE}.pt"] if ENSEMBLE in models else [])
     choice = _choose(evaluations, trainer, scorer, cfg)
     best = choice.best
     report_plots = _report_plots(trainer, scorer, models[best.name], best.name, cfg, choice.cv_stats, out)
+    shortcuts = _shortcut_check(run_dir, ingestion, transformation, models[best.name], scorer)
     clinical = _clinical_evidence(ctx.config, run_dir, ingestion, transformation, arrays, scorer.val_probs[best.name], scorer.test_probs[best.name])
     ood_gate, detector = _fit_ood(scorer, models[best.name], transformation, run_dir, out)
     suite = _score_ood_suite(ctx, scorer, transformation, models[best.name], best, clinical["operating_point"], ood_gate, detector)
@@ -108,9 +122,9 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
         clinical["operating_point"], clinical["subgroups"], f"{choice.basis.replace('_', '-')} {cfg.selection_metric}",
         calibration=best.calibration, ood=ood_gate, ood_suite=suite,
     )
-    card_json, card_md = model_card.write_card(card, out)
+    card_json, card_md = model_card.write_card(model_card.with_generalization(card, best.external, shortcuts), out)
     table_md, table_json = _comparison(
-        evaluations, trainer, best.name, cfg.selection_metric, out, choice.cv_stats, choice.ensemble, external_record,
+        evaluations, trainer, best.name, cfg.selection_metric, out, choice.cv_stats, choice.ensemble, shortcuts,
         ood=(ood_gate, suite),
     )
     files += [card_json, card_md] + [p for k, p in report_plots.items() if k != "confusion_matrix"] + [table_md, table_json]
@@ -126,7 +140,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
         gradcam=(run_dir.relative(report_plots["gradcam"]),) if "gradcam" in report_plots else (),
         selection_basis=choice.basis, cross_validation=choice.cv_stats, **clinical,
         model_card_json=run_dir.relative(card_json), model_card_markdown=run_dir.relative(card_md),
-        image_size=preprocessing.image_size, ensemble=choice.ensemble, external=external_record,
+        image_size=preprocessing.image_size, ensemble=choice.ensemble, shortcut=shortcuts,
         ood=ood_gate, ood_suite=suite,
     )
 
@@ -150,17 +164,44 @@ def _score_models(
     return models
 
 
-def _score_external(
-    scorer: _Scorer, models: dict[str, nn.Module], cfg: EvaluationConfig, preprocessing: Preprocessing
-) -> dict[str, Any]:
-    if cfg.external is None:
-        return {}
-    external = load_external(cfg.external, dict(cfg.external_classes), scorer.classes, preprocessing)
-    scorer.score_external(models, external)
-    return {
-        "uri": external.uri, "classes": dict(cfg.external_classes), "counts": external.counts,
-        "unreadable": list(external.unreadable),
-    }
+def _shortcut_check(
+    run_dir: RunDir, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, model: nn.Module,
+    scorer: _Scorer,
+) -> ShortcutCheck | None:
+    """Both shortcut probes on train+val (xray/evaluation/shortcut.py): acquisition features, and the lungs masked."""
+    pixels, labels, paths = _train_val_films(run_dir, ingestion, transformation)
+    keep = shortcut.subsample(labels)
+    pixels, labels, paths = pixels[keep], labels[keep], [paths[i] for i in keep]
+    n = len(scorer.classes)
+    acquisition = shortcut.acquisition_probe(paths, pixels, labels, n)
+    masked = shortcut.masked_probe(model, resize_batch(pixels, scorer.preprocessing.image_size), labels, scorer.preprocessing, scorer.device, n)
+    check = shortcut.shortcut_check([acquisition, masked], scorer.cfg.shortcut_warn)
+    if check is None:
+        logger.info("shortcut check: skipped, a class has fewer than two train+val films")
+        return None
+    logger.log(
+        logging.WARNING if check.warning else logging.INFO, "shortcut check: %s (max %.3f, warn above %s)%s",
+        ", ".join(f"{p.name} {p.score:.3f}" for p in check.probes), check.score, check.warn_at,
+        f": {check.warning}" if check.warning else "",
+    )
+    return check
+
+
+def _train_val_films(
+    run_dir: RunDir, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact
+) -> tuple[np.ndarray, np.ndarray, list[Path | None]]:
+    """Train+val pixels (the cached arrays), labels, and each film's raw file (None for an .npz or a missing file)."""
+    index = run_dir.path / Path(transformation.arrays["train_x"]).parent / "splits.jsonl"
+    with open(index) as fh:
+        rows = [row for row in map(json.loads, fh) if row["split"] in ("train", "val")]
+    rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["row"]))
+    root = ingestion.dataset_root(run_dir.path)
+    paths: list[Path | None] = [None] * len(rows)
+    if ingestion.source_kind != "npz":
+        paths = [p if (p := root / r["ref"]).is_file() else None for r in rows]
+    pixels = np.concatenate([transformation.load_array(run_dir.path, f"{s}_x") for s in ("train", "val")])
+    labels = np.concatenate([transformation.load_array(run_dir.path, f"{s}_y") for s in ("train", "val")])
+    return pixels, labels, paths
 
 
 def _with_confusion_plots(scorer: _Scorer, classes: tuple[str, ...], run_dir: RunDir, out: Path) -> list[CandidateEvaluation]:
@@ -174,9 +215,17 @@ def _with_confusion_plots(scorer: _Scorer, classes: tuple[str, ...], run_dir: Ru
             "%s%s: val auc %.4f acc %.4f | test auc %.4f acc %.4f%s",
             name, f" (tta: {', '.join(scores.tta)})" if scores.tta else "", scores.validation.roc_auc,
             scores.validation.accuracy, scores.test.roc_auc, scores.test.accuracy,
-            f" | external auc {scores.external.roc_auc:.4f} acc {scores.external.accuracy:.4f}" if scores.external else "",
+            _external_log(scores.external),
         )
     return evaluations
+
+
+def _external_log(check: ExternalCheck | None) -> str:
+    if check is None:
+        return ""
+    worst = check.worst()
+    auc = f"auc {check.roc_auc:.4f}, " if check.roc_auc is not None else ""
+    return f" | external {auc}worst recall {worst[1].recall:.4f} ({worst[0]} {worst[1].model_class})" if worst else ""
 
 
 def _choose(evaluations: list[CandidateEvaluation], trainer: ModelTrainerArtifact, scorer: _Scorer, cfg: EvaluationConfig) -> _Choice:
@@ -278,11 +327,11 @@ class _Scorer:
             test_ece_before=ece(test_y, test_probs), test_ece_after=ece(test_y, apply_temperature(test_probs, temperature)),
         )
 
-    def score_external(self, models: dict[str, nn.Module], external: ExternalSet) -> None:
+    def score_external(self, models: dict[str, nn.Module], films: ExternalFilms) -> None:
+        """Every model on every external source, with its own TTA decision, as serving would answer."""
         for name, scores in self.scores.items():
-            probs = apply_temperature(self.probs(models[name], external.pixels, scores.tta), scores.calibration.temperature)
-            metrics = compute_metrics(external.labels, probs, self.classes, self.cfg.calibration_bins)
-            self.scores[name] = dataclasses.replace(scores, external=metrics)
+            probs = apply_temperature(self.probs(models[name], films.pixels, scores.tta), scores.calibration.temperature)
+            self.scores[name] = dataclasses.replace(scores, external=external_check.score_external(films, probs, self.classes))
 
 
 def tta_helps(plain: SplitMetrics, with_tta: SplitMetrics, metric: str) -> bool:
@@ -476,7 +525,7 @@ def _comparison(
     out: Path,
     cv_stats: dict[str, dict[str, float]] | None = None,
     decision: EnsembleDecision | None = None,
-    external: dict[str, Any] | None = None,
+    shortcuts: ShortcutCheck | None = None,
     ood: tuple[OODGate | None, tuple[OODSuiteKind, ...]] = (None, ()),
 ) -> tuple[Path, Path]:
     """comparison.json and comparison.md: one row per candidate (and the ensemble), the choice and its basis;
@@ -488,8 +537,8 @@ def _comparison(
     summary = {"selection_metric": basis, "best": best, "candidates": rows}
     if decision is not None:
         summary["ensemble"] = dataclasses.asdict(decision)
-    if external:
-        summary["external"] = external
+    chosen = next(e for e in evaluations if e.name == best)
+    summary.update(_generalization_summary(chosen.external, shortcuts))
     gate, suite = ood
     if gate is not None:
         summary["ood"] = {**to_jsonable(gate), "suite": [{**to_jsonable(k), "refusal_rate": k.refusal_rate} for k in suite]}
@@ -497,10 +546,10 @@ def _comparison(
     lines = [f"Chosen by {basis}: **{best}**", "", *_comparison_table(rows)]
     if decision is not None:
         lines += ["", f"Ensemble: {decision.reason}."]
-    if external:
-        counts = ", ".join(f"{name} {n}" for name, n in external["counts"].items())
-        lines += ["", f"External check: {external['uri']} ({counts} films; classes {external['classes']}), "
-                  "scored through the serving path (`load_for_model`)."]
+    if chosen.external is not None:
+        lines += ["", *external_check.external_markdown(chosen.external, best)]
+    if shortcuts is not None:
+        lines += ["", *shortcut.shortcut_markdown(shortcuts)]
     lines += _ood_lines(best, *ood)
     if cv_stats:
         lines += ["", f"Cross-validation, {metric} per candidate (mean ± std over {folds} folds):", ""]
@@ -530,6 +579,28 @@ def _ood_lines(best: str, gate: OODGate | None, suite: tuple[OODSuiteKind, ...])
     return lines
 
 
+def _generalization_summary(external: ExternalCheck | None, shortcuts: ShortcutCheck | None) -> dict[str, Any]:
+    """comparison.json's external checks (the chosen model's, per source and class, and pooled) and shortcut probes."""
+    summary: dict[str, Any] = {}
+    if external is not None:
+        summary["external"] = to_jsonable(external)
+    if shortcuts is not None:
+        summary["shortcut"] = to_jsonable(shortcuts)
+    return summary
+
+
+def _external_columns(check: ExternalCheck | None) -> dict[str, Any]:
+    """A candidate's comparison columns: pooled external AUC and its worst (source, class) recall."""
+    if check is None:
+        return {}
+    worst = check.worst()
+    return {
+        "external_roc_auc": check.roc_auc,
+        "external_worst_recall": worst[1].recall if worst else None,
+        "external_worst": f"{worst[0]} {worst[1].model_class}" if worst else None,
+    }
+
+
 def _comparison_rows(
     evaluations, trainer: ModelTrainerArtifact, best: str, cv_stats: dict[str, dict[str, float]] | None
 ) -> list[dict[str, Any]]:
@@ -551,8 +622,7 @@ def _comparison_rows(
             "test_ece": e.test.ece,
             "test_ece_before_calibration": e.calibration.test_ece_before if e.calibration else None,
             "temperature": e.calibration.temperature if e.calibration else None,
-            "external_roc_auc": e.external.roc_auc if e.external else None,
-            "external_accuracy": e.external.accuracy if e.external else None,
+            **_external_columns(e.external),
             "best_epoch": None if e.members else trained[0].best_epoch,
             "epochs_run": sum(len(c.history) for c in trained),
             "train_seconds": round(sum(c.train_seconds for c in trained), 2),
@@ -567,9 +637,9 @@ def _comparison_rows(
 
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table; external columns only when the external check ran."""
-    with_external = any(r["external_accuracy"] is not None for r in rows)
+    with_external = any("external_worst_recall" in r for r in rows)
     header = "| candidate | TTA | val AUC | val acc | test AUC | test acc | test F1 | T | test ECE (before T) |"
-    header += " ext AUC | ext acc |" if with_external else ""
+    header += " ext AUC | ext worst recall |" if with_external else ""
     header += " epochs | img/s | params |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -581,7 +651,9 @@ def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['test_ece']:.4f} ({r['test_ece_before_calibration']:.4f}) |"
         )
         if with_external:
-            line += f" {r['external_roc_auc']:.4f} | {r['external_accuracy']:.4f} |"
+            auc, worst = r.get("external_roc_auc"), r.get("external_worst_recall")
+            worst_text = "-" if worst is None else f"{worst:.4f} ({r['external_worst']})"
+            line += f" {'-' if auc is None else f'{auc:.4f}'} | {worst_text} |"
         img_s = "-" if r["images_per_second"] is None else f"{r['images_per_second']:.0f}"
         line += f" {r['epochs_run']} | {img_s} | {r['parameters']:,} |"
         lines.append(line)

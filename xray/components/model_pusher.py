@@ -64,7 +64,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelPusherArtifact:
     ingestion, transformation = inputs.get(DataIngestionArtifact), inputs.get(DataTransformationArtifact)
     evaluation = inputs.get(ModelEvaluationArtifact)
     best, metric = evaluation.chosen(), evaluation.selection_metric
-    reasons = _gate_reasons(best.test, config.gate) + _ood_reasons(evaluation, config.gate)
+    reasons = _gate_reasons(best.test, config.gate) + _ood_reasons(evaluation, config.gate) + generalization_reasons(evaluation, config.gate)
     candidate_score = best.test.value(metric)
     production_tag, production_score = None, None
     if config.gate.compare_with_production:
@@ -81,6 +81,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelPusherArtifact:
         reasons = [f"passed the gate; pushed as {model_tag} (evidence seal {evidence})"]
         if production_score is not None:
             reasons.append(f"test {metric} {candidate_score:.4f} >= production {production_tag} ({production_score:.4f})")
+        reasons += ungated_notes(evaluation)
         registry.record_change(
             config.push.model_name, "gate", previous, model_tag,
             f"run {run_dir.run_id}: test {metric} {candidate_score:.4f}; " + "; ".join(reasons),
@@ -88,6 +89,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelPusherArtifact:
         )
         logger.info("model_pusher: %s", "; ".join(reasons))
     else:
+        reasons += ungated_notes(evaluation)
         logger.warning("model_pusher: %s not pushed: %s", best.name, "; ".join(reasons))
     decision_path = run_dir.stage_dir(STAGE) / "decision.json"
     artifact_fields = dict(
@@ -133,6 +135,46 @@ def _ood_reasons(evaluation: ModelEvaluationArtifact, gate: GateConfig) -> list[
             f"{gate.min_ood_refusal} (lowest kind: {worst.kind} {worst.refusal_rate:.4f})"
         ]
     return []
+
+
+def generalization_reasons(evaluation: ModelEvaluationArtifact, gate: GateConfig) -> list[str]:
+    """Refusals from the external checks (per source and class) and the shortcut probes, each naming its figure."""
+    reasons: list[str] = []
+    external = evaluation.external_check()
+    for source in external.sources if external is not None else ():
+        for result in source.per_class:
+            floor = _recall_floor(gate, result.model_class)
+            if floor is not None and result.recall is not None and result.recall < floor:
+                called = ", ".join(f"{k} {v}" for k, v in sorted(result.misses.items(), key=lambda kv: -kv[1]))
+                reasons.append(
+                    f"external recall of {result.model_class} on {source.name} {result.recall:.4f} "
+                    f"({result.correct} of {result.films}; misses called {called}) is below {_recall_key(gate, result.model_class)} {floor}"
+                )
+    shortcut = evaluation.shortcut
+    for probe in shortcut.probes if shortcut is not None else ():
+        if probe.score > gate.max_shortcut_score:
+            reasons.append(
+                f"shortcut score of the {probe.name} probe {probe.score:.4f} is above gate.max_shortcut_score {gate.max_shortcut_score}"
+            )
+    return reasons
+
+
+def ungated_notes(evaluation: ModelEvaluationArtifact) -> list[str]:
+    """What the external gate could not look at: classes with no external films are not gated, and the decision says so."""
+    external = evaluation.external_check()
+    if external is None or not external.no_external_films:
+        return []
+    return [f"note: no external films of {', '.join(external.no_external_films)}, so not gated on external recall"]
+
+
+def _recall_floor(gate: GateConfig, name: str) -> float | None:
+    """gate.min_external_recall for a class: the one number, the map's entry, or None (a map without the class)."""
+    floor = gate.min_external_recall
+    return floor.get(name) if isinstance(floor, dict) else floor
+
+
+def _recall_key(gate: GateConfig, name: str) -> str:
+    return f"gate.min_external_recall.{name}" if isinstance(gate.min_external_recall, dict) else "gate.min_external_recall"
 
 
 def _rescore_production(

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -404,6 +404,70 @@ class OODSuiteKind:
     @property
     def refusal_rate(self) -> float:
         return self.refused / self.count if self.count else float("nan")
+class ExternalClassResult:
+    """One model class on one external source (or pooled over every source): how many films, how many named right."""
+
+    model_class: str
+    films: int  # 0: no external films of this class here (nothing to measure, not gated)
+    correct: int
+    recall: float | None  # None when films == 0
+    misses: dict[str, int] = field(default_factory=dict)  # what the missed films were called: model class -> films
+    roc_auc: float | None = None  # one-vs-rest against the other classes present; None where fewer than two are
+    folders: tuple[str, ...] = ()  # the source's folders mapped to this class (pooled: "source/folder")
+
+
+@dataclass(frozen=True)
+class ExternalSourceResult:
+    """One external source (evaluation.external[i]) scored through serving's path."""
+
+    uri: str
+    name: str  # the folder's name: how tables and gate reasons call the source
+    classes: dict[str, str]  # folder -> model class, as resolved (the config's map, or the folders named like classes)
+    films: int
+    per_class: tuple[ExternalClassResult, ...]  # the classes this source has films of, in model class order
+    roc_auc: float | None = None  # macro one-vs-rest over the classes present; None where fewer than two are
+    unreadable: tuple[str, ...] = ()  # images that could not be decoded, skipped
+
+
+@dataclass(frozen=True)
+class ExternalCheck:
+    """One model on every external source: per source and class, pooled per class, and the classes nobody covers."""
+
+    sources: tuple[ExternalSourceResult, ...]
+    pooled: tuple[ExternalClassResult, ...]  # every model class, films 0 where no source has any
+    no_external_films: tuple[str, ...] = ()  # model classes with no external film in any source
+    roc_auc: float | None = None  # pooled over sources, macro one-vs-rest over the classes present
+
+    def worst(self) -> tuple[str, ExternalClassResult] | None:
+        """(source name, class result) with the lowest recall over every source and class with films."""
+        rows = [(s.name, c) for s in self.sources for c in s.per_class if c.recall is not None]
+        return min(rows, key=lambda row: row[1].recall) if rows else None
+
+
+@dataclass(frozen=True)
+class ShortcutProbe:
+    """Can the label be told without the lungs? One probe's cross-validated balanced accuracy, rescaled to a score."""
+
+    name: str  # acquisition | masked_lungs
+    films: int  # train+val films it was scored on
+    balanced_accuracy: float
+    score: float  # (balanced accuracy - 1/C) / (1 - 1/C) over C classes: 0 chance, 1 perfect
+    method: str  # what it looked at and how it was scored, in words
+    groups: dict[str, float] = field(default_factory=dict)  # acquisition: the score of each feature group alone
+    note: str = ""  # what it could not look at (an .npz source has no files)
+
+
+@dataclass(frozen=True)
+class ShortcutCheck:
+    """Both shortcut probes, their maximum, and the plain-language warning when it passes ``warn_at``."""
+
+    probes: tuple[ShortcutProbe, ...]
+    score: float  # the highest probe score
+    warn_at: float  # evaluation.shortcut_warn
+    warning: str = ""  # empty: no probe passed warn_at
+
+    def probe(self, name: str) -> ShortcutProbe | None:
+        return next((p for p in self.probes if p.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -415,7 +479,7 @@ class CandidateEvaluation:
     checkpoint: str = ""  # run-relative weights (the trainer's, or the ensemble's written by evaluation)
     members: tuple[str, ...] = ()  # an ensemble's member models (candidates, or a k-fold bag's folds), in state_dict order
     tta: tuple[str, ...] = ()  # test-time views used for every score below (and by serving)
-    external: SplitMetrics | None = None  # the external check (evaluation.external), when configured
+    external: ExternalCheck | None = None  # the external checks (evaluation.external), when configured
     calibration: Calibration | None = None  # the metrics above are of the calibrated probabilities
 
 
@@ -463,13 +527,17 @@ class ModelEvaluationArtifact:
     model_card_markdown: str = ""
     image_size: int = 0  # the size the models were trained and scored at (0: the transformation's)
     ensemble: EnsembleDecision | None = None
-    external: dict[str, Any] = field(default_factory=dict)  # uri, class map, counts per class, unreadable files
     ood: OODGate | None = None  # of the chosen candidate; None where evaluation.ood is none
     ood_suite: tuple[OODSuiteKind, ...] = ()  # refusals per kind of the OOD suite, chosen candidate
+    shortcut: ShortcutCheck | None = None  # the chosen model's shortcut probes (None: too few films to cross-validate)
 
     def chosen(self) -> CandidateEvaluation:
         """The chosen candidate's evaluation (``best_candidate``)."""
         return next(c for c in self.candidates if c.name == self.best_candidate)
+
+    def external_check(self) -> ExternalCheck | None:
+        """The chosen candidate's external checks (None: evaluation.external is empty)."""
+        return self.chosen().external
 
 
 @dataclass(frozen=True)

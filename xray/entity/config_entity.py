@@ -94,6 +94,18 @@ class OperatingPointConfig:
 
 
 @dataclass(frozen=True)
+class ExternalSource:
+    """One external check: a folder of CLASS/ subfolders from another source, and which model class each folder is.
+
+    ``classes`` maps a folder under ``uri`` to a model class; a source may cover only some classes.
+    Empty: every folder named like a model class is that class.
+    """
+
+    uri: str
+    classes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     selection_metric: str = "roc_auc"  # chosen on validation; test stays an honest estimate
     gradcam_per_class: int = 3
@@ -105,8 +117,8 @@ class EvaluationConfig:
     ensemble: str = "auto"  # auto: averaged candidates win when validation cannot tell the best two apart | always | off
     bootstrap_level: float = 0.95  # the interval's coverage
     tta: str = "auto"  # test-time hflip averaging: auto (kept per model where it helps validation) | on | off
-    external: str | None = None  # a folder of CLASS/ subfolders from another source, scored like /predict
-    external_classes: dict[str, str] = field(default_factory=dict)  # model class -> subfolder of external
+    external: tuple[ExternalSource, ...] = ()  # other sources' films, scored like /predict (docs/external-checks.md)
+    shortcut_warn: float = 0.5  # a shortcut probe scoring this much above chance (0 chance, 1 perfect) is warned about
     calibration: str = "temperature"  # temperature scaling fitted on validation, served | none
     ood: str = "mahalanobis"  # the model's own OOD score (penultimate features), shipped and served | none
     ood_acceptance: float = 0.99  # share of validation films the OOD threshold accepts
@@ -120,6 +132,8 @@ class GateConfig:
     min_class_recall: float = 0.0
     compare_with_production: bool = True
     min_ood_refusal: float = 0.0  # share of the OOD suite that must be refused; 0: off
+    min_external_recall: float | dict[str, float] = 0.5  # per (source, class) recall on the external checks; a map: per class
+    max_shortcut_score: float = 1.0  # refuse a model whose shortcut score is above this (1.0: off)
 
 
 @dataclass(frozen=True)

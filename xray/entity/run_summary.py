@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xray.entity.artifact_entity import ModelEvaluationArtifact, ModelPusherArtifact, SplitMetrics
+from xray.entity.artifact_entity import (
+    ExternalCheck,
+    ExternalClassResult,
+    ModelEvaluationArtifact,
+    ModelPusherArtifact,
+    ShortcutCheck,
+    SplitMetrics,
+)
 from xray.typed import from_mapping
 
 HEADLINE = ("accuracy", "roc_auc")  # the scores a summary keeps per split
@@ -33,6 +40,8 @@ class RunSummary:
     pushed: bool | None = None  # None: no push stage ran
     model_tag: str | None = None
     push_reasons: tuple[str, ...] = ()
+    external: ExternalCheck | None = None  # the chosen model's external checks (evaluation.external)
+    shortcut: ShortcutCheck | None = None  # its shortcut probes
 
     @classmethod
     def of(cls, evaluation: ModelEvaluationArtifact | None, pusher: ModelPusherArtifact | None) -> RunSummary:
@@ -48,6 +57,8 @@ class RunSummary:
             pushed=None if pusher is None else pusher.pushed,
             model_tag=None if pusher is None else pusher.model_tag,
             push_reasons=() if pusher is None else tuple(pusher.reasons),
+            external=evaluation.external_check() if evaluation else None,
+            shortcut=evaluation.shortcut if evaluation else None,
         )
 
     @classmethod
@@ -58,6 +69,30 @@ class RunSummary:
     def best_scores(self) -> CandidateScores | None:
         return self.candidates.get(self.best_candidate or "")
 
+    def generalization_lines(self) -> list[str]:
+        """The external checks (per source and class, then pooled) and the shortcut probes, as the CLI prints them."""
+        lines: list[str] = []
+        if self.external is not None:
+            lines += [f"external checks ({self.best_candidate}, serving path):",
+                      f"  {'source':<22} {'class':<18} {'films':>6} {'recall':>7} {'AUC':>7}  misses called"]
+            rows = [(s.name, r) for s in self.external.sources for r in s.per_class]
+            rows += [("all sources", r) for r in self.external.pooled]
+            lines += [_external_line(source, r) for source, r in rows]
+        if self.shortcut is not None:
+            probes = ", ".join(f"{p.name} {p.score:.4f}" for p in self.shortcut.probes)
+            lines.append(f"shortcut check (0 chance, 1 perfect; warn above {self.shortcut.warn_at}): {probes}")
+            if self.shortcut.warning:
+                lines.append(f"WARNING: {self.shortcut.warning}")
+        return lines
+
 
 def _headline(metrics: SplitMetrics) -> dict[str, float]:
     return {name: getattr(metrics, name) for name in HEADLINE}
+
+
+def _external_line(source: str, r: ExternalClassResult) -> str:
+    if not r.films:
+        return f"  {source:<22} {r.model_class:<18} {0:>6}  no external films (not gated)"
+    auc = "-" if r.roc_auc is None else f"{r.roc_auc:.4f}"
+    misses = ", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1])) or "-"
+    return f"  {source:<22} {r.model_class:<18} {r.films:>6} {r.recall:>7.4f} {auc:>7}  {misses}"

@@ -8,6 +8,7 @@ The card travels with the pushed model and the Bento's ``/metadata`` returns it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict
@@ -19,17 +20,26 @@ from xray.entity.artifact_entity import (
     Calibration,
     DataIngestionArtifact,
     DataTransformationArtifact,
+    ExternalCheck,
     Interval,
     OODGate,
     OODSuiteKind,
     OperatingPoint,
+    ShortcutCheck,
     SubgroupMetrics,
 )
+from xray.evaluation.external import external_markdown
+from xray.evaluation.shortcut import shortcut_markdown
+from xray.typed import from_mapping, to_jsonable
 
 CARD_JSON, CARD_MARKDOWN = "model_card.json", "model_card.md"
 SYNTHETIC_NOTE = (
     "The data are SYNTHETIC demo phantoms drawn by `xray data demo`, not patient images: "
     "these numbers say nothing about clinical performance."
+)
+ONE_SNAPSHOT = (
+    "Trained and tested on one dataset snapshot; performance on other scanners, sites or populations is unknown until "
+    "measured there."
 )
 METRIC_NAMES = {"accuracy": "accuracy", "roc_auc": "ROC-AUC", "sensitivity": "sensitivity", "specificity": "specificity"}
 
@@ -162,7 +172,7 @@ def _limitations(
     ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, subgroups: tuple[SubgroupMetrics, ...]
 ) -> list[str]:
     limitations = [
-        "Trained and tested on one dataset snapshot; performance on other scanners, sites or populations is unknown until measured there.",
+        ONE_SNAPSHOT,
         f"Input is reduced to {transformation.image_size}x{transformation.image_size} grayscale; findings smaller than a few pixels at that size cannot be seen.",
         "Intervals are bootstrap percentiles over test images, not patients: where one patient has several test films, they are too narrow.",
     ]
@@ -262,6 +272,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         interval = "–" if ci["lower_bound"] is None else f"{ci['lower_bound']:.4f} – {ci['upper_bound']:.4f}"
         value = "–" if m["value"] is None else f"{m['value']:.4f}"
         lines.append(f"| {m['slice']} | {METRIC_NAMES.get(m['type'], m['type'])} | {value} | {interval} |")
+    lines += _generalization_markdown(card)
     lines += ["", "## Intended use", ""] + [f"- {u['description']}" for u in considerations["use_cases"]]
     lines += ["", "## Limitations", ""] + [f"- {x['description']}" for x in considerations["limitations"]]
     lines += ["", "## Trade-offs", ""] + [f"- {x['description']}" for x in considerations["tradeoffs"]]
@@ -332,6 +343,53 @@ def quality_markdown(section: dict[str, Any] | None) -> list[str]:
     ]
     lines += [f"- **warning:** {text}" for text in section["warnings"]]
     return lines + [""]
+
+
+def with_generalization(card: dict[str, Any], external: ExternalCheck | None, shortcut: ShortcutCheck | None) -> dict[str, Any]:
+    """The card with the external checks and the shortcut probes: in quantitative_analysis, and what they mean in limitations."""
+    card = copy.deepcopy(card)
+    analysis = card["quantitative_analysis"]
+    analysis["external_checks"] = to_jsonable(external) if external is not None else None
+    analysis["shortcut_check"] = to_jsonable(shortcut) if shortcut is not None else None
+    limitations = card["considerations"]["limitations"]
+    notes = _generalization_limitations(external, shortcut)
+    at = next((i for i, x in enumerate(limitations) if x["description"] == ONE_SNAPSHOT), len(limitations))
+    if external is not None and at < len(limitations):
+        limitations.pop(at)
+    limitations[at:at] = [{"description": text} for text in notes]
+    return card
+
+
+def _generalization_limitations(external: ExternalCheck | None, shortcut: ShortcutCheck | None) -> list[str]:
+    notes = []
+    if shortcut is not None and shortcut.warning:
+        notes.append(shortcut.warning)
+    if external is None:
+        return notes
+    names = ", ".join(s.name for s in external.sources)
+    notes.append(f"Checked on films from {len(external.sources)} other source(s) ({names}); on any other source, performance is unknown.")
+    for source in external.sources:
+        for r in source.per_class:
+            if r.recall is not None and r.recall < 0.5:
+                called = ", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1]))
+                notes.append(
+                    f"On {source.name}, only {r.correct} of {r.films} {r.model_class} films were called {r.model_class} "
+                    f"(recall {r.recall:.4f}); the others were called {called}."
+                )
+    if external.no_external_films:
+        notes.append(f"No external films of {', '.join(external.no_external_films)}: how the model does on them elsewhere is unknown.")
+    return notes
+
+
+def _generalization_markdown(card: dict[str, Any]) -> list[str]:
+    """The card's external checks and shortcut probes as markdown (empty when neither was measured)."""
+    analysis, lines = card["quantitative_analysis"], []
+    if analysis.get("external_checks"):
+        check = from_mapping(ExternalCheck, analysis["external_checks"])
+        lines += ["", "## External checks", "", *external_markdown(check, card["model_parameters"]["model_architecture"])]
+    if analysis.get("shortcut_check"):
+        lines += ["", "## Shortcut check", "", *shortcut_markdown(from_mapping(ShortcutCheck, analysis["shortcut_check"]))]
+    return lines
 
 
 def write_card(card: dict[str, Any], out: Path) -> tuple[Path, Path]:

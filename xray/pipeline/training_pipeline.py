@@ -201,6 +201,8 @@ def _execute(
             logger.info("%s: %s; skipping", stage.STAGE, skipped)
             continue
         artifact = _stage(stage, config, run, inputs, ctx, channel)
+        if stage is data_ingestion:  # the classes are known: a bad external class map fails now, not after training
+            model_evaluation.check_class_maps(config, artifact.class_names)
         inputs = inputs.add(artifact)
     return RunSummary.of(inputs.get(ModelEvaluationArtifact), inputs.artifacts.get(ModelPusherArtifact))
 
