@@ -23,6 +23,7 @@ from xray.config import load_config
 from xray.data.preprocessing import Preprocessing, load_pixels
 from xray.entity.config_entity import ExternalSource, GateConfig
 from xray.errors import ConfigError
+from xray.serving.inference import predict_proba
 from xray.evaluation import external, shortcut
 from xray.pipeline.store import load_artifact
 
@@ -174,6 +175,11 @@ class RegionReader(nn.Module):
         return torch.stack([-brightness, brightness], dim=1) * self.scale
 
 
+def served(model: nn.Module):
+    """The model's probabilities for a batch of films, as the evaluation stage hands them to the probe."""
+    return lambda films: predict_proba(model, films, PRE, torch.device("cpu"))
+
+
 def test_mask_hides_the_central_box_with_the_mean_outside_it() -> None:
     pixels = np.random.default_rng(0).integers(0, 200, (2, 20, 10), dtype=np.uint8)
     masked = shortcut.mask_center(pixels)
@@ -186,14 +192,14 @@ def test_mask_hides_the_central_box_with_the_mean_outside_it() -> None:
 
 def test_masked_probe_sees_a_model_that_reads_outside_the_lungs(tmp_path: Path) -> None:
     _, pixels, labels = _films(acquisition_folder(tmp_path / "marker", marker=True))
-    corner = shortcut.masked_probe(RegionReader(slice(0, 4), slice(0, 4)), pixels, labels, PRE, torch.device("cpu"), 2)
+    corner = shortcut.masked_probe(served(RegionReader(slice(0, 4), slice(0, 4))), pixels, labels, 2)
     assert corner.score > 0.8, corner
     _, pixels, labels = _films(acquisition_folder(tmp_path / "centre", centre_patch=True))
     centre = RegionReader(slice(12, 20), slice(12, 20))
     with torch.no_grad():
         unmasked = centre(PRE.to_tensor(pixels)).argmax(1).numpy()
     assert (unmasked == labels).mean() > 0.95  # it does read the centre patch
-    lungs = shortcut.masked_probe(centre, pixels, labels, PRE, torch.device("cpu"), 2)
+    lungs = shortcut.masked_probe(served(centre), pixels, labels, 2)
     assert abs(lungs.score) < 0.3, lungs
 
 

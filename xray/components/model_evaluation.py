@@ -174,7 +174,10 @@ def _shortcut_check(
     pixels, labels, paths = pixels[keep], labels[keep], [paths[i] for i in keep]
     n = len(scorer.classes)
     acquisition = shortcut.acquisition_probe(paths, pixels, labels, n)
-    masked = shortcut.masked_probe(model, resize_batch(pixels, scorer.preprocessing.image_size), labels, scorer.preprocessing, scorer.device, n)
+    masked = shortcut.masked_probe(
+        lambda films: predict_proba(model, films, scorer.preprocessing, scorer.device),
+        resize_batch(pixels, scorer.preprocessing.image_size), labels, n,
+    )
     check = shortcut.shortcut_check([acquisition, masked], scorer.cfg.shortcut_warn)
     if check is None:
         logger.info("shortcut check: skipped, a class has fewer than two train+val films")

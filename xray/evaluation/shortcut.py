@@ -36,16 +36,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from xray.entity.artifact_entity import ShortcutCheck, ShortcutProbe
 from xray.data.dicom import is_dicom
-from xray.data.preprocessing import Preprocessing
-from xray.serving.inference import predict_proba
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +214,13 @@ def mask_center(pixels: np.ndarray) -> np.ndarray:
 
 
 def masked_probe(
-    model: nn.Module, pixels: np.ndarray, labels: np.ndarray, preprocessing: Preprocessing, device: torch.device, n_classes: int
+    predict: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, labels: np.ndarray, n_classes: int
 ) -> ShortcutProbe | None:
-    """Probe (b): the chosen model with the lungs hidden; its own answers, and a per-fold readout of its outputs."""
+    """Probe (b): the chosen model with the lungs hidden; its own answers, and a per-fold readout of its outputs.
+
+    ``predict``: the chosen model's class probabilities for a batch of films (one pass, no test-time views),
+    as the evaluation stage computes them.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import cross_val_predict
@@ -227,7 +228,7 @@ def masked_probe(
     folds = _folds(labels)
     if folds is None:
         return None
-    probs = predict_proba(model, mask_center(pixels), preprocessing, device)  # one pass, no test-time views
+    probs = predict(mask_center(pixels))
     direct = float(balanced_accuracy_score(labels, probs.argmax(axis=1)))
     readout = LogisticRegression(max_iter=1000, class_weight="balanced")
     logits = np.log(np.clip(probs, 1e-7, 1.0))
