@@ -49,7 +49,7 @@ def test_every_kind_is_known_once_and_read_back_by_name() -> None:
 
 
 def test_the_wording_comes_from_the_registry() -> None:
-    assert registry.spelled() == "demo, a folder, an .npz file, or s3://bucket/prefix"
+    assert registry.spelled() == "demo, a folder, a manifest of sources (.yaml), an .npz file, or s3://bucket/prefix"
     assert registry.outside() == (
         "data is outside the data this service may read "
         "(the folders in XRAY_DATA_ROOTS, the buckets in XRAY_DATA_BUCKETS, or 'demo')"
@@ -84,3 +84,15 @@ def test_the_service_reads_only_what_the_allowlists_name(tmp_path: Path) -> None
 def test_another_runs_snapshot_is_never_training_data(tmp_path: Path) -> None:
     snapshot = class_folder(tmp_path / "artifacts" / "run" / "snapshot", {"a": 2, "b": 2})
     assert registry.confine(str(snapshot), allowed(tmp_path, roots=(tmp_path,))) is None
+
+
+def test_the_training_service_does_not_read_a_manifest(tmp_path: Path) -> None:
+    """A manifest's entries could name folders outside the data roots, so a service run is refused one."""
+    from xray.data.sources.base import Allowed
+
+    manifest = tmp_path / "sources.yaml"
+    manifest.write_text("- {uri: .}\n")
+    allowed = Allowed(workdir=tmp_path, artifacts_dir=tmp_path / "artifacts", lists={ROOTS.env: (str(tmp_path),)})
+    with pytest.raises(DataError, match="must be a folder or an .npz file"):
+        registry.confine(str(manifest), allowed)
+    assert "manifest" not in registry.served()

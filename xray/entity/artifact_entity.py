@@ -404,6 +404,9 @@ class OODSuiteKind:
     @property
     def refusal_rate(self) -> float:
         return self.refused / self.count if self.count else float("nan")
+
+
+@dataclass(frozen=True)
 class ExternalClassResult:
     """One model class on one external source (or pooled over every source): how many films, how many named right."""
 

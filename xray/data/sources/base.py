@@ -85,6 +85,7 @@ class Source(ABC):
     kind: ClassVar[str]  # recorded as the ingestion artifact's source_kind
     noun: ClassVar[str]  # how help and errors name it: "a folder", "s3://bucket/prefix"
     allowlist: ClassVar[Allowlist | None] = None  # None: the service may always read it
+    served: ClassVar[bool] = True  # False: the training service never reads this kind (its API schema leaves it out)
 
     @abstractmethod
     def names(self, uri: str) -> bool:

@@ -65,5 +65,5 @@ def confine_local(uri: str, allowed: Allowed, sources: Sequence[LocalSource]) ->
     if not exists:
         raise DataError(f"data path does not exist on the server: {uri}")
     if not usable:
-        raise DataError(f"data path must be {' or '.join(s.noun for s in sources)}: {uri}")
+        raise DataError(f"data path must be {' or '.join(s.noun for s in sources if s.served)}: {uri}")
     return str(resolved)

@@ -413,6 +413,7 @@ class ManifestFileSource(FolderFilms, LocalSource):
 
     kind = "manifest"
     noun = "a manifest of sources (.yaml)"
+    served = False  # an entry could name a folder outside the service's data roots
 
     def takes_path(self, path: Path) -> bool:
         return path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES

@@ -77,6 +77,6 @@ def outside() -> str:
 def served() -> str:
     """What a service run may name, grouped by allowlist: the API schema's description."""
     groups: dict[Allowlist | None, list[str]] = {}
-    for source in SOURCES:
+    for source in (s for s in SOURCES if s.served):
         groups.setdefault(source.allowlist, []).append(source.noun)
     return either([" or ".join(nouns) + (f" {a.where}" if a else "") for a, nouns in groups.items()])
