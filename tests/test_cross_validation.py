@@ -187,7 +187,8 @@ def test_the_final_model_is_the_k_fold_bag_and_serves_as_one(cv_run: tuple[Path,
     assert evaluation.chosen().members == ("simple_cnn",) * K
     spec = model_spec(run_id, ingestion, transformation, evaluation, run_dir / evaluation.best_checkpoint)
     (tmp_path / "model").mkdir()
-    write_model_dir(tmp_path / "model", spec, run_dir / evaluation.best_checkpoint)
+    stats = run_dir / evaluation.ood.file if evaluation.ood else None  # as the pusher hands them on
+    write_model_dir(tmp_path / "model", spec, run_dir / evaluation.best_checkpoint, ood_stats=stats)
     served = load_model_dir(tmp_path / "model", "fp32")
     pixels = transformation.load_array(run_dir, "val_x")[:8]
     preprocessing = preprocessing_of(transformation, evaluation.image_size)

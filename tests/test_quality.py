@@ -1,5 +1,6 @@
 """Model quality features: the ensemble candidate, the bootstrap "cannot tell" rule, test-time
-augmentation through one shared path, the MedMNIST preprocessing contract and the external check."""
+augmentation through one shared path and the MedMNIST preprocessing contract (the external
+checks have their own file, test_external_checks.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from xray.components.model_evaluation import _Scorer, tta_helps
 from xray.config import load_config
 from xray.entity.config_entity import EvaluationConfig
 from xray.errors import ConfigError
-from xray.serving.inference import predict_proba, prepare_model
+from xray.serving.inference import apply_temperature, predict_proba, prepare_model
 from xray.evaluation.metrics import compute_metrics
 from xray.models.builders import Ensemble, build_ensemble, build_model
 from xray.data.preprocessing import Preprocessing, center_square, load_for_model, resize_square
@@ -122,7 +123,9 @@ def test_tta_is_one_path_for_evaluation_and_serving(tmp_path: Path) -> None:
     scorer = _Scorer(arrays, PRE, CPU, ("a", "b"), EvaluationConfig(tta="on"))
     scorer.add("simple_cnn", model, "w.pt")
     assert scorer.scores["simple_cnn"].tta == ("hflip",)
-    np.testing.assert_allclose(scorer.test_probs["simple_cnn"], expected, atol=1e-6)
+    np.testing.assert_allclose(scorer.raw_probs["simple_cnn"]["test"], expected, atol=1e-6)
+    temperature = scorer.scores["simple_cnn"].calibration.temperature  # calibration comes after TTA, on its output
+    np.testing.assert_allclose(scorer.test_probs["simple_cnn"], apply_temperature(expected, temperature), atol=1e-5)
 
 
 def test_tta_kept_only_where_it_helps_validation() -> None:
@@ -169,54 +172,17 @@ def test_npz_sources_record_the_medmnist_contract_and_folders_do_not(tmp_path: P
     assert (folder.source_crop, folder.source_size) == ("none", 0)
 
 
-def _external(root: Path) -> Path:
-    return class_folder(root, {"Covid-like": 3, "Normal films": 4, "Viral Pneumonia": 5})
-
-
-def test_external_check_is_scored_and_reported(tmp_path: Path) -> None:
-    external = _external(tmp_path / "external")
-    classes = '{covid: Covid-like, normal: "Normal films", pneumonia: "Viral Pneumonia"}'
-    result = run_cli(
-        "train", *tiny_args(tmp_path / "artifacts", f"evaluation.external={external}", f"evaluation.external_classes={classes}"),
-        env={"BENTOML_HOME": str(tmp_path / "bentoml")},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = next(p for p in (tmp_path / "artifacts").iterdir() if (p / "manifest.json").is_file())
-    table = json.loads((run_dir / "model_evaluation" / "comparison.json").read_text())
-    assert table["external"]["counts"] == {"covid": 3, "normal": 4, "pneumonia": 5}
-    row = table["candidates"][0]
-    assert 0 <= row["external_accuracy"] <= 1 and row["external_roc_auc"] is not None
-    artifact = json.loads((run_dir / "model_evaluation" / "artifact.json").read_text())
-    assert artifact["candidates"][0]["external"]["confusion_matrix"]
-    assert sum(map(sum, artifact["candidates"][0]["external"]["confusion_matrix"])) == 12
-    assert "ext acc" in (run_dir / "model_evaluation" / "comparison.md").read_text()
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["evaluation.external=/no/such/folder", "evaluation.external_classes={a: b, c: d}"], "local folder"),
-        (["evaluation.external={ext}"], "external_classes"),
-        (["evaluation.external_classes={a: b}"], "evaluation.external is not"),
         (["evaluation.ensemble=sometimes"], "evaluation.ensemble"),
         (["evaluation.bootstrap_resamples=5"], "bootstrap_resamples"),
         (["transformation.augment.gamma=-1"], "augment.gamma"),
     ],
 )
 def test_bad_quality_settings_are_one_line_errors(tmp_path: Path, overrides: list[str], message: str) -> None:
-    external = _external(tmp_path / "external")
     with pytest.raises(ConfigError) as raised:
-        load_config(None, [o.replace("{ext}", str(external)) for o in overrides])
+        load_config(None, overrides)
     assert message in str(raised.value)
 
 
-def test_external_class_map_must_cover_the_model_classes(tmp_path: Path) -> None:
-    external = _external(tmp_path / "external")
-    result = run_cli(
-        "train", *tiny_args(tmp_path / "artifacts", f"evaluation.external={external}",
-                            "evaluation.external_classes={normal: Normal films, pneumonia: Viral Pneumonia}"),
-        env={"BENTOML_HOME": str(tmp_path / "bentoml")},
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("xray: error:")
-    assert "must map every model class" in result.stderr and "Traceback" not in result.stderr
