@@ -269,6 +269,16 @@ def test_comparison_and_model_card_carry_the_checks(refused: dict) -> None:
     assert "| all sources | pneumonia | 0 | no external films |" in markdown
 
 
+def test_the_ood_gate_reports_what_it_accepts_of_each_external_source(refused: dict) -> None:
+    gate = refused["evaluation"].ood
+    assert gate is not None and set(gate.external_accepted) == {"site-a", "site-b"}
+    assert all(0.0 <= share <= 1.0 for share in gate.external_accepted.values())
+    out = refused["run_dir"] / "model_evaluation"
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["quantitative_analysis"]["ood_gate"]["external_accepted"].keys() == {"site-a", "site-b"}
+    assert f"{gate.external_accepted['site-b']:.3f} of external site-b" in (out / "comparison.md").read_text()
+
+
 def test_the_run_page_shows_the_external_table(refused: dict) -> None:
     server = new_server(refused["home"]).start()
     try:

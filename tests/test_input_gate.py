@@ -151,6 +151,7 @@ def test_inverted_and_rotated_phantoms_are_caught(index: int) -> None:
     assert codes(film) == []
     assert codes(255 - film) == ["inverted"]
     assert "rotated" in codes(np.rot90(film)) and "rotated" in codes(np.rot90(film, 3))
+    assert codes(np.rot90(film, 2)) == ["upside_down"]
 
 
 @needs_shared(COVID3)
@@ -158,14 +159,16 @@ def test_inverted_and_rotated_phantoms_are_caught(index: int) -> None:
 def test_real_films_pass_and_their_inverted_and_rotated_copies_do_not(folder: Path) -> None:
     films = real_films(folder)
     assert len(films) == 12
-    passed = inverted = rotated = 0
+    passed = inverted = rotated = upside_down = 0
     for path in films:
         decoded = decode_image(path, draft_size=128)
         passed += check_image(decoded.raw, decoded.grey, GATE, 128) == []
         inverted += "inverted" in codes(decoded.raw, 255 - decoded.grey, side=128)
         rotated += "rotated" in codes(decoded.raw, np.rot90(decoded.grey), side=128)
+        upside_down += "upside_down" in codes(decoded.raw, np.rot90(decoded.grey, 2), side=128)
     assert passed == 12  # measured false refusals are well under 1 % (docs/input-gate.md)
     assert inverted >= 11 and rotated >= 10
+    assert upside_down >= 4  # the weakest check: about half of the upside-down films alone (the OOD score adds more)
 
 
 @needs_shared(COVID3)
@@ -206,6 +209,8 @@ def test_the_checks_see_the_same_grey_the_model_sees() -> None:
         ("input_gate.min_std=-1", "input_gate.min_std"),
         ("input_gate.max_colour_share=2", "input_gate.max_colour_share"),
         ("input_gate.rotated_margin=nan", "input_gate.rotated_margin"),
+        ("input_gate.upside_down_margin=-1", "input_gate.upside_down_margin"),
+        ("input_gate.upside_down=maybe", "input_gate.upside_down"),
         ("input_gate.no_such_check=refuse", "input_gate.no_such_check"),
     ],
 )

@@ -21,7 +21,7 @@ from xray.entity.artifact_entity import OODGate
 from xray.errors import ConfigError
 from xray.evaluation.calibration import fit_temperature
 from xray.evaluation.metrics import expected_calibration_error
-from xray.evaluation.ood import fit_detector
+from xray.evaluation.ood import acceptance_threshold, fit_detector
 from xray.models.builders import build_ensemble, build_model, logits_and_features
 from xray.pipeline.store import sha256_file
 from xray.serving import predict as one_path
@@ -49,6 +49,20 @@ def test_mahalanobis_accepts_the_target_share_in_distribution_and_refuses_a_far_
     accepted = np.mean(detector.scores([test]) <= detector.threshold)
     assert 0.92 <= accepted <= 0.98, accepted  # about the 95 % asked for, on films the threshold never saw
     assert np.mean(detector.scores([far]) <= detector.threshold) < 0.02
+
+
+def test_a_small_validation_split_gets_a_fitted_tail_not_its_largest_score() -> None:
+    """38 validation films: the empirical 99 % quantile is their maximum, which refuses about 1/39 of new films."""
+    rng = np.random.default_rng(1)
+    fresh = rng.chisquare(8, 200_000)
+    small = [rng.chisquare(8, 38) for _ in range(200)]
+    empirical = np.array([np.mean(fresh <= np.quantile(v, 0.99, method="higher")) for v in small])
+    fitted = np.array([np.mean(fresh <= acceptance_threshold(v, 0.99)) for v in small])
+    assert empirical.mean() < 0.978 < fitted.mean(), (empirical.mean(), fitted.mean())
+    assert all(acceptance_threshold(v, 0.99) >= v.max() for v in small)  # never below the empirical quantile
+    large = rng.chisquare(8, 5000)  # hundreds of films: the two estimates agree
+    assert acceptance_threshold(large, 0.99) == pytest.approx(np.quantile(large, 0.99), rel=0.05)
+    assert acceptance_threshold(np.array([2.0, 2.0, 2.0]), 0.99) == 2.0  # no spread to fit: the empirical one
 
 
 def test_ensemble_scores_average_members_over_their_own_thresholds(tmp_path: Path) -> None:

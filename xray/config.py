@@ -34,7 +34,7 @@ _CHOICES = {
     "input_gate.lateral": ("refuse", "warn"),
     **{f"input_gate.{check}": ("refuse", "warn", "off") for check in (
         "dicom_modality", "dicom_body_part", "dicom_view", "dicom_photometric",
-        "too_small", "nearly_constant", "posterized", "colour", "inverted", "rotated",
+        "too_small", "nearly_constant", "posterized", "colour", "inverted", "rotated", "upside_down",
     )},
 }
 # Inclusive bounds for every numeric key: wide enough for any real run, narrow enough that
@@ -89,6 +89,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "input_gate.max_colour_share": (0, 1),
     "input_gate.inverted_margin": (0, 5),
     "input_gate.rotated_margin": (0, 5),
+    "input_gate.upside_down_margin": (0, 5),
     "gate.max_shortcut_score": (0, 1),
     "evaluation.shortcut_warn": (0, 1),
 }

@@ -6,10 +6,13 @@ test numbers stay an honest estimate of what the chosen model will do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,8 +108,9 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
     arrays = {k: resize_batch(v, preprocessing.image_size) if k.endswith("_x") else v for k, v in arrays.items()}
     scorer = _Scorer(arrays, preprocessing, choose_device(), classes, cfg)
     models = _score_models(scorer, trainer, run_dir, out, cfg)
-    if cfg.external:
-        scorer.score_external(models, external_check.load_external(cfg.external, classes, preprocessing))
+    external_films = external_check.load_external(cfg.external, classes, preprocessing) if cfg.external else None
+    if external_films is not None:
+        scorer.score_external(models, external_films)
     evaluations = _with_confusion_plots(scorer, classes, run_dir, out)
     files = [out / f"confusion_{e.name}.png" for e in evaluations] + ([out / f"{ENSEMBLE}.pt"] if ENSEMBLE in models else [])
     choice = _choose(evaluations, trainer, scorer, cfg)
@@ -114,7 +118,7 @@ def run(ctx: StageContext, inputs: Inputs) -> ModelEvaluationArtifact:
     report_plots = _report_plots(trainer, scorer, models[best.name], best.name, cfg, choice.cv_stats, out)
     shortcuts = _shortcut_check(run_dir, ingestion, transformation, models[best.name], scorer)
     clinical = _clinical_evidence(ctx.config, run_dir, ingestion, transformation, arrays, scorer.val_probs[best.name], scorer.test_probs[best.name])
-    ood_gate, detector = _fit_ood(scorer, models[best.name], transformation, run_dir, out)
+    ood_gate, detector = _fit_ood(scorer, models[best.name], transformation, run_dir, out, external_films)
     suite = _score_ood_suite(ctx, scorer, transformation, models[best.name], best, clinical["operating_point"], ood_gate, detector)
     files += [run_dir.path / ood_gate.file] if ood_gate else []
     card = model_card.build_card(
@@ -371,9 +375,11 @@ def decide_ensemble(
 
 
 def _fit_ood(
-    scorer: _Scorer, model: nn.Module, transformation: DataTransformationArtifact, run_dir: RunDir, out: Path
+    scorer: _Scorer, model: nn.Module, transformation: DataTransformationArtifact, run_dir: RunDir, out: Path,
+    external: external_check.ExternalFilms | None = None,
 ) -> tuple[OODGate | None, OODDetector | None]:
-    """The chosen model's Mahalanobis OOD score: fitted on training features, threshold on validation."""
+    """The chosen model's Mahalanobis OOD score: fitted on training features, threshold on validation; what it
+    accepts of test and of each external source is measured, not tuned on."""
     cfg = scorer.cfg
     if cfg.ood == "none":
         return None, None
@@ -385,6 +391,11 @@ def _fit_ood(
     }
     detector = fit_detector(features["train"], train_y, features["val"], len(scorer.classes), cfg.ood_acceptance)
     accepted = {split: float(np.mean(detector.scores(features[split]) <= detector.threshold)) for split in ("val", "test")}
+    external_accepted: dict[str, float] = {}
+    if external is not None:
+        kept = detector.scores(predict_proba_and_features(model, external.pixels, scorer.preprocessing, scorer.device)[1])
+        kept = kept <= detector.threshold
+        external_accepted = {s.name: float(np.mean(kept[external.source == i])) for i, s in enumerate(external.sources)}
     path = out / OOD_FILE
     detector.save(path)
     gate = OODGate(
@@ -392,14 +403,31 @@ def _fit_ood(
         member_thresholds=tuple(m.threshold for m in detector.members),
         feature_dims=tuple(int(m.means.shape[1]) for m in detector.members),
         file=run_dir.relative(path), sha256=sha256_file(path),
-        validation_accepted=accepted["val"], test_accepted=accepted["test"],
+        validation_accepted=accepted["val"], test_accepted=accepted["test"], external_accepted=external_accepted,
     )
     logger.info(
-        "OOD score (%s, %d member%s): threshold %.4f accepts %.3f of validation, %.3f of test",
+        "OOD score (%s, %d member%s): threshold %.4f accepts %.3f of validation, %.3f of test%s",
         gate.method, len(detector.members), "s" if len(detector.members) > 1 else "", gate.threshold,
-        gate.validation_accepted, gate.test_accepted,
+        gate.validation_accepted, gate.test_accepted, _external_accepted_text(gate),
     )
     return gate, detector
+
+
+@contextlib.contextmanager
+def _quiet_suite() -> Iterator[None]:
+    """The suite's inputs are refused on purpose: keep pydicom's decoder tracebacks (its test files include
+    damaged ones) and serving's per-request refusal lines out of the run's log; the summary line says it all."""
+    loggers = [logging.getLogger(name) for name in ("pydicom", one_path.__name__)]
+    levels = [log.level for log in loggers]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for log in loggers:
+                log.setLevel(logging.CRITICAL)
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def _score_ood_suite(
@@ -417,14 +445,16 @@ def _score_ood_suite(
     from xray.evaluation.ood_suite import build_ood_suite  # imports matplotlib's and pydicom's sample data
 
     films = transformation.load_array(ctx.run.path, "val_x")
-    items = build_ood_suite(list(films), max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
+    with _quiet_suite():
+        items = build_ood_suite(list(films), max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
     spec = ModelSpec(
         architecture=best.name, class_names=scorer.classes, preprocessing=scorer.preprocessing, run_id=ctx.run.run_id,
         data_fingerprint="", weights_sha256="", metrics={}, operating_point=point, members=best.members, tta=best.tta,
         temperature=best.calibration.temperature if best.calibration else None, ood=gate, input_gate=ctx.config.input_gate,
     )
     loaded = LoadedModel(spec, model, model, scorer.device, "fp32", f"run {ctx.run.run_id} (evaluation)", detector)
-    answers = one_path.predict(loaded, [item.data for item in items], one_path.Policy(gate_config=ctx.config.input_gate))
+    with _quiet_suite():
+        answers = one_path.predict(loaded, [item.data for item in items], one_path.Policy(gate_config=ctx.config.input_gate))
     kinds: dict[str, list[int]] = {}
     for item, result in zip(items, answers):
         counts = kinds.setdefault(item.kind, [0, 0, 0])
@@ -567,12 +597,17 @@ def _comparison(
     return md_path, json_path
 
 
+def _external_accepted_text(gate: OODGate) -> str:
+    return "".join(f", {share:.3f} of external {name}" for name, share in gate.external_accepted.items())
+
+
 def _ood_lines(best: str, gate: OODGate | None, suite: tuple[OODSuiteKind, ...]) -> list[str]:
     if gate is None:
         return []
     lines = [
         "", f"OOD gate ({best}): {gate.method} score <= {gate.threshold:.4f} is accepted (set on validation to accept "
-        f"{gate.acceptance:.0%}); accepted: validation {gate.validation_accepted:.3f}, test {gate.test_accepted:.3f}.",
+        f"{gate.acceptance:.0%}); accepted: validation {gate.validation_accepted:.3f}, test {gate.test_accepted:.3f}"
+        f"{_external_accepted_text(gate)}.",
     ]
     if suite:
         total, refused = sum(k.count for k in suite), sum(k.refused for k in suite)

@@ -13,7 +13,9 @@ film shares, on a 64-pixel standardised copy: a bright vertical band (spine
 and mediastinum) between darker lung fields, a darker frame, a brighter lower
 part (diaphragm, abdomen), left-right mirror symmetry and mostly horizontal
 edges (ribs). Inverting the grey scale flips the sign of the polarity score;
-turning the film by 90 degrees flips the sign of the orientation score. Their
+turning the film by 90 degrees flips the sign of the orientation score; turning
+it upside down (180 degrees) flips the sign of the uprightness score, the lower
+part's brightness over the upper part's. Their
 margins were set on real films (``scripts/measure_input_checks.py``,
 ``docs/input-gate.md``).
 """
@@ -47,7 +49,7 @@ from xray.entity.config_entity import InputGateConfig, PipelineConfig
 logger = logging.getLogger(__name__)
 
 MODES = ("refuse", "warn", "off")
-IMAGE_CHECKS = ("too_small", "nearly_constant", "posterized", "colour", "inverted", "rotated")
+IMAGE_CHECKS = ("too_small", "nearly_constant", "posterized", "colour", "inverted", "rotated", "upside_down")
 DICOM_CHECKS = ("dicom_modality", "dicom_body_part", "dicom_view", "dicom_photometric")
 PROJECTION_MODALITIES = ("CR", "DX", "DR")  # DR is not a DICOM defined term, but some systems write it
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
@@ -84,6 +86,7 @@ class ImageStats:
     colour_share: float  # share of pixels whose channels differ by more than the configured spread
     polarity: float  # > 0: bright spine between dark lungs (as a radiograph is shown); < 0: inverted
     orientation: float  # > 0: upright (or upside down); < 0: turned by 90 or 270 degrees
+    uprightness: float = 0.0  # > 0: lower part brighter (diaphragm, abdomen), as upright; < 0: upside down
 
 
 def refused(findings: list[Finding]) -> bool:
@@ -172,6 +175,9 @@ def findings_from_stats(stats: ImageStats, config: InputGateConfig, min_side: in
     if stats.polarity < -config.inverted_margin:
         _add(findings, config.inverted, "inverted",
              f"the film looks inverted (lungs bright, bones dark; polarity score {stats.polarity:.2f})")
+    elif stats.uprightness < -config.upside_down_margin:  # inverting also flips it: one reason is enough
+        _add(findings, config.upside_down, "upside_down",
+             f"the film looks upside down (rotated by 180 degrees; uprightness score {stats.uprightness:.2f})")
     return findings
 
 
@@ -186,7 +192,7 @@ def _add(findings: list[Finding], mode: str, code: str, message: str) -> None:
 def image_stats(raw: Image.Image | np.ndarray, grey: np.ndarray, colour_spread: int = 24) -> ImageStats:
     """Plain statistics of one decoded image (cheap: the layout scores run on a 64-pixel copy)."""
     counts = np.bincount(grey.ravel(), minlength=256)
-    polarity, orientation = layout_scores(grey)
+    polarity, orientation, uprightness = layout_scores(grey)
     return ImageStats(
         height=int(grey.shape[0]),
         width=int(grey.shape[1]),
@@ -196,6 +202,7 @@ def image_stats(raw: Image.Image | np.ndarray, grey: np.ndarray, colour_spread: 
         colour_share=colour_share(raw, colour_spread),
         polarity=polarity,
         orientation=orientation,
+        uprightness=uprightness,
     )
 
 
@@ -218,8 +225,8 @@ def colour_share(raw: Image.Image | np.ndarray, spread: int) -> float:
     return float(np.mean(channel_spread > spread)) if channel_spread.size else 0.0
 
 
-def layout_scores(grey: np.ndarray) -> tuple[float, float]:
-    """(polarity, orientation) of a grey film on a standardised 64-pixel copy; see the module docstring."""
+def layout_scores(grey: np.ndarray) -> tuple[float, float, float]:
+    """(polarity, orientation, uprightness) of a grey film on a standardised 64-pixel copy; see the module docstring."""
     work = resize_square(np.ascontiguousarray(grey), _WORK).astype(np.float64)
     z = (work - work.mean()) / (work.std() + 1e-6)
     band = _band_contrast(z)  # spine band minus lung fields, columns
@@ -231,7 +238,7 @@ def layout_scores(grey: np.ndarray) -> tuple[float, float]:
     inner = z[4:-4, 4:-4]
     edges = np.log((np.abs(np.diff(inner, axis=1)).mean() + 1e-6) / (np.abs(np.diff(inner, axis=0)).mean() + 1e-6))
     orientation = abs(band) - abs(band_t) + symmetry + 2.0 * edges
-    return float(polarity), float(orientation)
+    return float(polarity), float(orientation), float(bottom_top)
 
 
 def _band_contrast(z: np.ndarray) -> float:

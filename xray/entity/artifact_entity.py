@@ -390,6 +390,8 @@ class OODGate:
     sha256: str  # of that file; serving refuses a file that differs
     validation_accepted: float  # measured share accepted: validation (about ``acceptance``) and test
     test_accepted: float
+    # evaluation.external's films accepted by this score, per source name (the input checks come on top at serving)
+    external_accepted: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,7 @@ class InputGateConfig:
     colour: str = "refuse"
     inverted: str = "refuse"
     rotated: str = "refuse"
+    upside_down: str = "refuse"
     min_side: int = 0  # pixels; 0: the model's own input (its source size, else its image size)
     min_std: float = 5.0  # grey standard deviation (0..255) below which a film is nearly constant
     min_grey_levels: int = 32  # fewer distinct grey levels: posterized
@@ -166,6 +167,7 @@ class InputGateConfig:
     max_colour_share: float = 0.02  # more coloured pixels than this share: colour
     inverted_margin: float = 0.3  # polarity score below minus this: inverted
     rotated_margin: float = 0.3  # orientation score below minus this: rotated by 90 or 270 degrees
+    upside_down_margin: float = 0.4  # uprightness score below minus this: upside down (set on the training sources)
 
 
 @dataclass(frozen=True)

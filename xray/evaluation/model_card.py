@@ -163,6 +163,7 @@ def _ood_gate(ood: OODGate | None, suite: tuple[OODSuiteKind, ...]) -> dict[str,
         "chosen_on": "validation",
         "validation_accepted": _number(ood.validation_accepted),
         "test_accepted": _number(ood.test_accepted),
+        "external_accepted": {name: _number(share) for name, share in ood.external_accepted.items()},
         "suite": [{"kind": k.kind, "inputs": k.count, "refused": k.refused, "refusal_rate": _number(k.refusal_rate),
                    "refused_by_ood_score": k.refused_by_ood_score} for k in suite],
     }
@@ -297,7 +298,8 @@ def _ood_lines(ood: dict[str, Any] | None) -> list[str]:
     lines = [
         "## Out-of-distribution gate", "",
         f"{ood['description']}. Accepted when the score is ≤ {ood['threshold']:.4f}, set on validation to accept "
-        f"{ood['acceptance']:.0%} of its films; accepted: validation {ood['validation_accepted']}, test {ood['test_accepted']}.", "",
+        f"{ood['acceptance']:.0%} of its films; accepted: validation {ood['validation_accepted']}, test {ood['test_accepted']}"
+        + "".join(f", external {name} {share}" for name, share in ood.get("external_accepted", {}).items()) + ".", "",
     ]
     if ood["suite"]:
         lines += ["| OOD suite kind | inputs | refused | rate |", "|---|---|---|---|"]

@@ -4,14 +4,15 @@ The class means come from the training films' features; the shared
 covariance from their deviations from their class mean, estimated with
 scikit-learn's ``LedoitWolf``: a few hundred films per class cannot fill a
 256- or 1024-dimensional covariance, and shrinkage keeps it invertible. The
-threshold is the ``acceptance`` quantile of the validation films' scores, so
-that share of in-distribution films is accepted by construction on
-validation, and test says whether it holds.
+threshold is the ``acceptance`` quantile of the validation films' scores
+(``acceptance_threshold``: the empirical quantile, or a fitted tail where the
+validation split is too small for one), and test says whether it holds.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 from sklearn.covariance import LedoitWolf
 
 from xray.errors import DataError
@@ -19,10 +20,24 @@ from xray.models.ood import MemberStats, OODDetector
 
 
 def acceptance_threshold(scores: np.ndarray, acceptance: float) -> float:
-    """The smallest score at or below which ``acceptance`` of ``scores`` lie (never zero)."""
-    if len(scores) == 0:
+    """The score at or below which ``acceptance`` of in-distribution films lie, estimated from ``scores``.
+
+    The larger of the empirical quantile and that of a gamma distribution fitted to the scores (SciPy, location
+    0; squared distances are gamma-like). Why both: with n validation films the empirical 99 % quantile is the
+    largest of them once n < 100, and a new film exceeds the largest of n with probability 1/(n+1), so a
+    38-film validation split refuses about 2.6 % of in-distribution films; the fitted tail extrapolates past
+    the largest. On hundreds of films the two agree closely.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if len(values) == 0:
         raise DataError("the validation split is empty: no OOD threshold can be set")
-    return max(float(np.quantile(scores, acceptance, method="higher")), 1e-12)
+    empirical = float(np.quantile(values, acceptance, method="higher"))
+    fitted = float("nan")
+    if len(values) >= 3 and np.all(values > 0) and np.ptp(values) > 0:
+        with np.errstate(all="ignore"):
+            shape, _, scale = stats.gamma.fit(values, floc=0)
+            fitted = float(stats.gamma.ppf(acceptance, shape, loc=0, scale=scale))
+    return max(empirical, fitted if np.isfinite(fitted) else empirical, 1e-12)
 
 
 def fit_member(
