@@ -122,6 +122,8 @@ COVERED_ELSEWHERE = (
     Elsewhere(r"\.venv/bin/python -m torch\.distributed\.run .* -m xray train .*",
               "tests/test_distributed.py::test_two_ranks_make_one_run_like_a_single_process"),
     Elsewhere(r"(sbatch|bash) scripts/slurm_train\.sh .*", "tests/test_slurm_script.py::test_rendered_command"),
+    Elsewhere(r"\.venv/bin/python scripts/measure_input_checks\.py",
+              "by hand: its output is the table in docs/input-gate.md (the checks: tests/test_input_gate.py)"),
     Elsewhere(r"\.venv/bin/python scripts/holdout_split\.py .*",
               "tests/test_manifest.py::test_holdout_split_is_patient_disjoint_and_stratified"),
     Elsewhere(r"\.venv/bin/xray train --data config/multi-source\.example\.yaml .*",
