@@ -77,6 +77,15 @@ def test_partial_maps_give_per_source_recall_misses_auc_and_pooled_figures(tmp_p
     assert "| all sources | pneumonia | 0 | no external films |" in table and "| site-a | normal | 4 | 0.2500 | covid 3 |" in table
 
 
+def test_held_back_parts_are_named_after_their_source(tmp_path: Path) -> None:
+    nih = class_folder(tmp_path / "nih-cxr8" / "holdout", {"normal": 2})
+    hannover = class_folder(tmp_path / "hannover-covid" / "holdout", {"covid": 2})
+    again = class_folder(tmp_path / "elsewhere" / "nih-cxr8", {"normal": 2})
+    sources = (ExternalSource(uri=str(nih)), ExternalSource(uri=str(hannover)), ExternalSource(uri=str(again)))
+    names = [s.name for s in external.resolve_sources(sources, CLASSES)]
+    assert names == ["nih-cxr8", "hannover-covid", "nih-cxr8 (2)"]  # holdout/ takes its parent's name; (2): evaluation.external[2]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

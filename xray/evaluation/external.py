@@ -26,6 +26,7 @@ from xray.entity.artifact_entity import ExternalCheck, ExternalClassResult, Exte
 from xray.entity.config_entity import EvaluationConfig, ExternalSource, GateConfig
 from xray.errors import ConfigError, DataError
 from xray.data.preprocessing import IMAGE_SUFFIXES, ImageDecodeError, Preprocessing, load_for_model
+from xray.data.sources.manifest import source_name
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class ResolvedSource:
     """An external source with its folders resolved to model classes."""
 
     uri: str
-    name: str  # the folder's own name, made unique: how the tables and the gate call the source
+    name: str  # the folder's name (its parent's for a train/ or holdout/ part), made unique: how tables and the gate call it
     classes: dict[str, str]  # folder -> model class
 
 
@@ -69,7 +70,7 @@ def resolve_sources(sources: tuple[ExternalSource, ...], class_names: tuple[str,
                 raise ConfigError(
                     f"config: {key}.classes.{folder} maps to unknown class {name!r} (classes: {', '.join(class_names)})"
                 )
-        name = root.resolve().name or source.uri
+        name = source_name(str(root.resolve())) or source.uri  # named as a manifest names it: holdout/ takes its parent's
         unique = name if name not in seen else f"{name} ({index})"
         seen.add(unique)
         resolved.append(ResolvedSource(uri=source.uri, name=unique, classes=classes))

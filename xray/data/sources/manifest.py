@@ -146,7 +146,7 @@ def _entry(base: Path, index: int, entry: object) -> ManifestSource:
     if not isinstance(uri, str) or not uri.strip():
         raise DataError(f"{where}: 'uri' must name a folder or an s3:// prefix")
     location = _location(base, uri.strip(), where)
-    name = entry.get("name", _default_name(location))
+    name = entry.get("name", source_name(location))
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "/:\\") or name.strip() in (".", ".."):
         raise DataError(f"{where}: 'name' must be a short name without '/', '\\' or ':', got {name!r}")
     where = f"manifest entry {index} ({name})"
@@ -181,7 +181,8 @@ def _location(base: Path, uri: str, where: str) -> str:
     return str(path)
 
 
-def _default_name(location: str) -> str:
+def source_name(location: str) -> str:
+    """A source's default name: its folder's, or its parent's when the folder is a part (train/, holdout/ ...)."""
     parts = [p for p in location.rstrip("/").removeprefix("s3://").split("/") if p]
     if len(parts) > 1 and parts[-1].lower() in PART_FOLDERS:
         return parts[-2]
