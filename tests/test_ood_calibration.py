@@ -51,6 +51,15 @@ def test_mahalanobis_accepts_the_target_share_in_distribution_and_refuses_a_far_
     assert np.mean(detector.scores([far]) <= detector.threshold) < 0.02
 
 
+def test_a_validation_split_with_no_errors_does_not_sharpen() -> None:
+    probs = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4], [0.4, 0.6]])
+    labels = np.array([0, 1, 0, 1])  # every one named right: lower T always lowers NLL, so the fit says nothing
+    assert fit_temperature(probs, labels) == 1.0
+    confident = np.array([[0.9, 0.1], [0.1, 0.9], [0.95, 0.05], [0.2, 0.8]])
+    wrong = np.array([0, 1, 0, 0])  # one confident error: a real optimum exists, and it softens
+    assert fit_temperature(confident, wrong) > 1.0
+
+
 def test_a_small_validation_split_gets_a_fitted_tail_not_its_largest_score() -> None:
     """38 validation films: the empirical 99 % quantile is their maximum, which refuses about 1/39 of new films."""
     rng = np.random.default_rng(1)
