@@ -297,7 +297,7 @@ def main() -> None:
             xray_data = train
             if args.manifest is not None:
                 xray_data = carve_manifest(args.manifest, args.data, train, Path(tmp) / "manifest.yaml")
-                print(f"xray trains on {args.manifest} with its {args.data.name} entry carved", flush=True)
+                print(f"xray trains on {args.manifest}, its entry for {args.data} cut to the carve's train part", flush=True)
             ours = run_xray(xray_data, holdout, Path(tmp) / "xray", args.overrides)
             print("xray:", json.dumps({k: v for k, v in ours.items() if k != "external"}), flush=True)
             print("\n".join(ours["external"]), flush=True)

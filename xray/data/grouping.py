@@ -35,22 +35,35 @@ def read_metadata_csv(path: str) -> MetadataTable:
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"ingestion.metadata_csv: file not found: {path}")
+    where = f"ingestion.metadata_csv {path}"
+    columns, records = read_csv_records(file, where)
+    if PATH_COLUMN not in columns:
+        raise DataError(f"{where} has no '{PATH_COLUMN}' column (columns: {', '.join(columns) or 'none'})")
+    rows = rows_by_key(records, PATH_COLUMN, where)
+    return MetadataTable(columns=tuple(c for c in columns if c != PATH_COLUMN), rows=rows)
+
+
+def read_csv_records(file: Path, where: str) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+    """A CSV's columns and rows, cells stripped (a BOM tolerated); ``DataError`` naming ``where`` when unreadable."""
     try:
         with open(file, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = tuple(c.strip() for c in (reader.fieldnames or ()))
             records = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"ingestion.metadata_csv {path} is not a readable CSV: {exc}") from None
-    if PATH_COLUMN not in columns:
-        raise DataError(f"ingestion.metadata_csv {path} has no '{PATH_COLUMN}' column (columns: {', '.join(columns) or 'none'})")
+        raise DataError(f"{where} is not a readable CSV: {' '.join(str(exc).split())}") from None
+    return columns, records
+
+
+def rows_by_key(records: list[dict[str, str]], key: str, where: str) -> dict[str, dict[str, str]]:
+    """Rows by their ``key`` cell (a path, slashes normalised), the key column left out; a key listed twice is an error."""
     rows: dict[str, dict[str, str]] = {}
     for record in records:
-        key = record[PATH_COLUMN].replace("\\", "/").lstrip("./")
-        if key in rows:
-            raise DataError(f"ingestion.metadata_csv {path} lists {key!r} twice")
-        rows[key] = {k: v for k, v in record.items() if k != PATH_COLUMN}
-    return MetadataTable(columns=tuple(c for c in columns if c != PATH_COLUMN), rows=rows)
+        name = record[key].replace("\\", "/").lstrip("./")
+        if name in rows:
+            raise DataError(f"{where} lists {name!r} twice")
+        rows[name] = {k: v for k, v in record.items() if k != key}
+    return rows
 
 
 def patient_pattern(group_by: str) -> re.Pattern[str] | None:

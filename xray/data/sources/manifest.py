@@ -23,10 +23,8 @@ mirrored and hard-linked into the run, like a single S3 source.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import shutil
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from xray.data.grouping import patient_pattern
+from xray.data.grouping import patient_pattern, read_csv_records, rows_by_key
 from xray.data.sources.base import Place, Scan, Snapshot
 from xray.data.sources.folder import FolderFilms, scan_folder
 from xray.data.sources.local import LocalSource
@@ -322,23 +320,12 @@ class _Table:
 
 def _read_table(source: ManifestSource) -> _Table:
     where = f"{source.label}: metadata_csv {source.metadata_csv}"
-    try:
-        with open(source.metadata_csv, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = tuple(c.strip() for c in (reader.fieldnames or ()))
-            records = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{where} is not a readable CSV: {_one_line(exc)}") from None
+    columns, records = read_csv_records(Path(source.metadata_csv), where)
     key = next((c for c in KEY_COLUMNS if c in columns), None)
     if key is None:
         raise DataError(f"{where} has no {' or '.join(repr(c) for c in KEY_COLUMNS)} column naming its films "
                         f"(columns: {', '.join(columns) or 'none'})")
-    rows: dict[str, dict[str, str]] = {}
-    for record in records:
-        name = record[key].replace("\\", "/").lstrip("./")
-        if name in rows:
-            raise DataError(f"{where} lists {name!r} twice")
-        rows[name] = {k: v for k, v in record.items() if k != key}
+    rows = rows_by_key(records, key, where)
     kept = tuple(c for c in columns if c != key)
     wanted = source.metadata_columns
     unknown = sorted(set(wanted or ()) - set(kept))
@@ -385,20 +372,14 @@ def _mirror_s3(
     source: ManifestSource, ingestion: IngestionConfig, mirror_root: Path, target: Path
 ) -> tuple[Path, list[SourceObject]]:
     """Mirror the prefix incrementally, then hard-link it into the run so the snapshot cannot change under it."""
-    from xray.data.sources.s3 import S3Settings, mirror_dir_for, sync_prefix
+    from xray.data.sources.s3 import S3Settings, link_into, mirror_dir_for, sync_prefix
 
     settings = S3Settings.from_config(ingestion.s3)
     mirror = mirror_dir_for(mirror_root, source.uri, settings)
     records = sync_prefix(source.uri, mirror, settings)
     if not records:
         raise DataError(f"{source.label}: no objects under {source.uri}")
-    for record in records:
-        dest = target / record.relative_path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(mirror / record.relative_path, dest)
-        except OSError:
-            shutil.copy2(mirror / record.relative_path, dest)
+    link_into(mirror, target, records)
     return target, [SourceObject(key=r.key, size=r.size, etag=r.etag, sha256=r.sha256) for r in records]
 
 

@@ -476,6 +476,18 @@ def _progress(total_bytes: int, count: int, uri: str) -> tqdm:
     )
 
 
+def link_into(mirror_dir: Path, target: Path, records: tuple[S3ObjectRecord, ...]) -> None:
+    """Hard-link the mirrored objects into ``target`` (copies across file systems), so a later sync of the
+    mirror cannot change a run's snapshot under it."""
+    for record in records:
+        dest = target / record.relative_path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(mirror_dir / record.relative_path, dest)
+        except OSError:
+            shutil.copy2(mirror_dir / record.relative_path, dest)
+
+
 def sync_prefix(uri: str, mirror_dir: Path, settings: S3Settings) -> tuple[S3ObjectRecord, ...]:
     """Make `mirror_dir` an exact copy of everything under `uri`; return records by key.
 

@@ -6,9 +6,6 @@ The mirror module (boto3) is imported where it is used, so the registry stays ch
 
 from __future__ import annotations
 
-import os
-import shutil
-
 from xray.data.sources.base import Allowed, Allowlist, Place, Snapshot, Source
 from xray.data.sources.folder import FolderFilms
 from xray.entity.artifact_entity import SourceObject
@@ -27,19 +24,13 @@ class S3Source(FolderFilms, Source):
         return uri.startswith("s3://")
 
     def snapshot(self, uri: str, config: IngestionConfig, place: Place) -> Snapshot:
-        from xray.data.sources.s3 import S3Settings, mirror_dir_for, sync_prefix
+        from xray.data.sources.s3 import S3Settings, link_into, mirror_dir_for, sync_prefix
 
         settings = S3Settings.from_config(config.s3)
         mirror = mirror_dir_for(place.artifacts_root / ".s3-mirror", uri, settings)
         records = sync_prefix(uri, mirror, settings)
         snapshot = place.stage_dir / "snapshot"
-        for record in records:
-            dest = snapshot / record.relative_path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(mirror / record.relative_path, dest)
-            except OSError:
-                shutil.copy2(mirror / record.relative_path, dest)
+        link_into(mirror, snapshot, records)
         objects = tuple(SourceObject(key=r.key, size=r.size, etag=r.etag, sha256=r.sha256) for r in records)
         return Snapshot(root=snapshot, copied=True, objects=objects)
 
