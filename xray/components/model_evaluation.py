@@ -417,6 +417,8 @@ def _fit_ood(
 def _quiet_suite() -> Iterator[None]:
     """The suite's inputs are refused on purpose: keep pydicom's decoder tracebacks (its test files include
     damaged ones) and serving's per-request refusal lines out of the run's log; the summary line says it all."""
+    import pydicom  # noqa: F401 - importing it sets its logger's level, so it must come before ours
+
     loggers = [logging.getLogger(name) for name in ("pydicom", one_path.__name__)]
     levels = [log.level for log in loggers]
     try:
