@@ -447,8 +447,6 @@ def _score_ood_suite(
     from xray.evaluation.ood_suite import build_ood_suite  # imports matplotlib's and pydicom's sample data
 
     films = transformation.load_array(ctx.run.path, "val_x")
-    with _quiet_suite():
-        items = build_ood_suite(list(films), max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
     spec = ModelSpec(
         architecture=best.name, class_names=scorer.classes, preprocessing=scorer.preprocessing, run_id=ctx.run.run_id,
         data_fingerprint="", weights_sha256="", metrics={}, operating_point=point, members=best.members, tta=best.tta,
@@ -456,6 +454,7 @@ def _score_ood_suite(
     )
     loaded = LoadedModel(spec, model, model, scorer.device, "fp32", f"run {ctx.run.run_id} (evaluation)", detector)
     with _quiet_suite():
+        items = build_ood_suite(list(films), max(scorer.preprocessing.image_size, 64), ctx.config.transformation.seed)
         answers = one_path.predict(loaded, [item.data for item in items], one_path.Policy(gate_config=ctx.config.input_gate))
     kinds: dict[str, list[int]] = {}
     for item, result in zip(items, answers):
