@@ -13,14 +13,27 @@ S3_PORT ?= 8333
 DEMO_S3 := AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT) AWS_ACCESS_KEY_ID=xray-demo \
 	AWS_SECRET_ACCESS_KEY=xray-demo-secret AWS_DEFAULT_REGION=us-east-1
 
-.PHONY: install demo test test-fast browser bench clean-demo
+.PHONY: install lock demo test test-fast browser bench clean-demo
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# uv installs the lock file's exact set (hashes checked) from the same places pip is configured to read:
+# its find-links and extra indexes (this machine's local wheel stores), with its constraints file.
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+PIP_CONF = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.$(1)='\(.*\)'$$/\1/p")
+UV_SOURCES = --index-strategy unsafe-best-match $(foreach l,$(call PIP_CONF,find-links),--find-links $(l)) \
+	$(foreach u,$(call PIP_CONF,extra-index-url),--extra-index-url $(u)) \
+	$(foreach c,$(call PIP_CONF,constraint),--constraint $(c))
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip install -q --python $(PY) $(UV_SOURCES) -r requirements.lock
+	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
+
+# Re-pin the lock after changing requirements.txt (tests/test_unit_packaging.py holds the three in step).
+lock: install
+	$(UV) pip compile -q requirements.txt -o requirements.lock --python-version 3.11 --generate-hashes \
+		$(UV_SOURCES) --no-emit-index-url --no-emit-find-links
 
 install: $(VENV)/.installed
 

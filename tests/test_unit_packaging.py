@@ -45,3 +45,23 @@ def test_the_runtime_set_runs_xray_and_leaves_test_tools_out() -> None:
 def test_nothing_unused_is_required() -> None:
     """model-signing was tried for run seals and dropped (xray/audit/seal.py); pyopenssl came only with it."""
     assert not {"model-signing", "pyopenssl"} & set(requirements_txt())
+
+
+def _lock_pins() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            requirement = Requirement(line.split(" ", 1)[0].strip())
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line  # a lock pins exact versions
+            pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def test_the_lock_pins_exactly_what_requirements_txt_admits() -> None:
+    """`make install` installs requirements.lock; `make lock` re-pins it after requirements.txt changes."""
+    pins = _lock_pins()
+    for name, line in requirements_txt().items():
+        assert name in pins, f"{name} is not in requirements.lock: run `make lock`"
+        assert Requirement(line).specifier.contains(pins[name], prereleases=True), (line, pins[name])
+    assert "--hash=sha256:" in (REPO / "requirements.lock").read_text()
