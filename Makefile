@@ -15,7 +15,8 @@ DEMO_S3 := AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT) AWS_ACCESS_KEY_ID=xray-d
 
 .PHONY: install lock demo test test-fast browser bench clean-demo
 
-# uv installs the lock file's exact set (hashes checked) from the same places pip is configured to read:
+# uv installs the lock file's exact set (hashes checked, bytecode compiled once here rather than on every
+# import) from the same places pip is configured to read:
 # its find-links and extra indexes (this machine's local wheel stores), with its constraints file.
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
@@ -26,7 +27,7 @@ UV_SOURCES = --index-strategy unsafe-best-match $(foreach l,$(call PIP_CONF,find
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)
-	$(UV) pip install -q --python $(PY) $(UV_SOURCES) -r requirements.lock
+	$(UV) pip install -q --compile-bytecode --python $(PY) $(UV_SOURCES) -r requirements.lock
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
 
