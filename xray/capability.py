@@ -139,6 +139,20 @@ def capability(threads: int | None = None) -> Capability:
     return found
 
 
+def cached_measurement(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Another once-per-machine measurement (``key`` names what and at which versions), in the same cache file."""
+    model, flags = cpu_identity()
+    full_key = f"{model}|{','.join(flags)}|{key}"
+    path = cache_path()
+    cached = _read_cache(path)
+    entry = cached.get(full_key)
+    if isinstance(entry, dict) and entry and all(isinstance(v, (int, float)) for v in entry.values()):
+        return {str(k): float(v) for k, v in entry.items()}
+    found = measure()
+    _write_cache(path, {**_read_cache(path), full_key: found})
+    return found
+
+
 def measure(threads: int, model: str = "", flags: tuple[str, ...] | None = None) -> Capability:
     """Time fp32 and bf16 matmul and a 3x3 convolution on one thread (CPU time), x ``threads`` (a few seconds)."""
     if flags is None:

@@ -30,6 +30,7 @@ _CHOICES = {
     "evaluation.tta": ("auto", "on", "off"),
     "evaluation.calibration": ("temperature", "none"),
     "evaluation.ood": ("mahalanobis", "none"),
+    "push.export": ("onnx", "none"),
     "ingestion.quality": ("report", "exclude"),
     "input_gate.lateral": ("refuse", "warn"),
     **{f"input_gate.{check}": ("refuse", "warn", "off") for check in (
@@ -81,6 +82,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "gate.min_class_recall": (0, 1),
     "gate.min_ood_refusal": (0, 1),
     "evaluation.ood_acceptance": (0.5, 1),
+    "evaluation.ood_confidence": (0, 0.999),
     "input_gate.min_side": (0, 4096),
     "input_gate.min_std": (0, 128),
     "input_gate.min_grey_levels": (0, 256),

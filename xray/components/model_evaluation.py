@@ -389,7 +389,9 @@ def _fit_ood(
         split: predict_proba_and_features(model, x, scorer.preprocessing, scorer.device)[1]
         for split, x in (("train", train_x), ("val", scorer.arrays["val_x"]), ("test", scorer.arrays["test_x"]))
     }
-    detector = fit_detector(features["train"], train_y, features["val"], len(scorer.classes), cfg.ood_acceptance)
+    detector = fit_detector(
+        features["train"], train_y, features["val"], len(scorer.classes), cfg.ood_acceptance, cfg.ood_confidence
+    )
     accepted = {split: float(np.mean(detector.scores(features[split]) <= detector.threshold)) for split in ("val", "test")}
     external_accepted: dict[str, float] = {}
     if external is not None:
@@ -399,7 +401,7 @@ def _fit_ood(
     path = out / OOD_FILE
     detector.save(path)
     gate = OODGate(
-        method=cfg.ood, acceptance=cfg.ood_acceptance, threshold=detector.threshold,
+        method=cfg.ood, acceptance=cfg.ood_acceptance, confidence=cfg.ood_confidence, threshold=detector.threshold,
         member_thresholds=tuple(m.threshold for m in detector.members),
         feature_dims=tuple(int(m.means.shape[1]) for m in detector.members),
         file=run_dir.relative(path), sha256=sha256_file(path),

@@ -25,13 +25,17 @@ from xray.entity.artifact_entity import (
     DataTransformationArtifact,
     ModelEvaluationArtifact,
     ModelPusherArtifact,
+    RuntimeExport,
     SplitMetrics,
 )
 from xray.entity.config_entity import GateConfig, InputGateConfig, PipelineConfig
 from xray.errors import XrayError
 from xray.evaluation.metrics import compute_metrics
 from xray.models.ood import OOD_FILE
-from xray.serving.serving_model import ModelSpec, load_stored_model, production_model_dir, write_model_dir
+from xray.models.builders import load_checkpoint
+from xray.serving.serving_model import (
+    ModelSpec, build_for_spec, load_stored_model, production_model_dir, write_model_dir,
+)
 from xray.audit.seal import seal_evidence
 from xray.data.preprocessing import preprocessing_of
 from xray.data.snapshot import split_pixels
@@ -237,11 +241,48 @@ def push_model(
     import bentoml
 
     run_dir.stage_dir(STAGE)
+    export = export_model(config, run_dir, ingestion, transformation, evaluation)  # before the seal: it is evidence
     evidence = seal_evidence(run_dir.root, run_dir.run_id, utc_now())
     tag = str(bentoml.Tag(config.push.model_name).make_new_version())
     s3_uris = _upload_to_s3(config, run_dir, evaluation, tag, evidence)
-    _add_to_store(config, run_dir, ingestion, transformation, evaluation, tag, evidence)
+    _add_to_store(config, run_dir, ingestion, transformation, evaluation, tag, evidence, export)
     return tag, s3_uris, evidence
+
+
+EXPORT_DIR = "export"  # the ONNX graphs and export.json, in the pusher's stage folder
+
+
+def export_model(
+    config: PipelineConfig,
+    run_dir: RunDir,
+    ingestion: DataIngestionArtifact,
+    transformation: DataTransformationArtifact,
+    evaluation: ModelEvaluationArtifact,
+) -> RuntimeExport | None:
+    """The chosen model's ONNX graphs (``xray.serving.runtime``), checked on validation; None: not exported.
+
+    A failed export or check never stops the push: the model is then served on eager PyTorch, and the run
+    log and ``export.json`` say why.
+    """
+    if config.push.export == "none":
+        return None
+    from xray.serving.runtime import make_export
+
+    out = run_dir.stage_dir(STAGE) / EXPORT_DIR
+    out.mkdir(exist_ok=True)
+    spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, run_dir.path / evaluation.best_checkpoint)
+    size = spec.preprocessing.image_size
+    try:
+        model = load_checkpoint(build_for_spec(spec), run_dir.path / evaluation.best_checkpoint)
+        validation, _ = split_pixels(run_dir.path, ingestion, transformation, "val", size)
+        calibration, _ = split_pixels(run_dir.path, ingestion, transformation, "train", size)
+        export = make_export(model, spec.preprocessing, spec.tta, validation, calibration, out, config.push.int8)
+    except Exception as exc:  # noqa: BLE001 - an exporter failure is reported, and PyTorch serves
+        logger.warning("model_pusher: ONNX export failed, serving on eager PyTorch: %s: %s", type(exc).__name__, exc)
+        write_json_atomic(out / "export.json", {"exported": False, "error": f"{type(exc).__name__}: {exc}"})
+        return None
+    write_json_atomic(out / "export.json", {"exported": True, **to_jsonable(export)})
+    return export
 
 
 def _add_to_store(
@@ -252,12 +293,14 @@ def _add_to_store(
     evaluation: ModelEvaluationArtifact,
     tag: str,
     evidence: str,
+    export: RuntimeExport | None = None,
 ) -> None:
     import bentoml
 
     best = evaluation.chosen()
     checkpoint = run_dir.path / evaluation.best_checkpoint
     spec = model_spec(run_dir.run_id, ingestion, transformation, evaluation, checkpoint, evidence, config.input_gate)
+    spec = dataclasses.replace(spec, export=export)
     metrics = spec.metrics
     summary_metrics = {f"{split}_{k}": metrics[split][k] for split in ("validation", "test") for k in ("accuracy", "roc_auc")}
     labels = {"stage": "production", "architecture": best.name, "run_id": run_dir.run_id}
@@ -286,12 +329,14 @@ def _add_to_store(
         metadata["temperature"] = spec.temperature
     if spec.ood is not None:  # serving checks the statistics file against this, as it checks the weights
         metadata.update(ood_stats_sha256=spec.ood.sha256, ood_threshold=spec.ood.threshold)
+    if export is not None:
+        metadata["onnx_graphs"] = {g.file: {"sha256": g.sha256, "served": g.passed} for g in export.graphs}
     try:
         # BentoML builds the model in a temporary folder and registers it in the store on a clean exit.
         with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
             card = run_dir.path / evaluation.model_card_json if evaluation.model_card_json else None
             stats = run_dir.path / evaluation.ood.file if evaluation.ood else None
-            write_model_dir(Path(model.path), spec, checkpoint, card, stats)
+            write_model_dir(Path(model.path), spec, checkpoint, card, stats, run_dir.stage_dir(STAGE) / EXPORT_DIR)
     except Exception as exc:  # noqa: BLE001 - a store failure is the push failing, reported as such
         raise XrayError(f"push to BentoML model store failed: {exc}") from exc
 

@@ -378,6 +378,35 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class ExportCheck:
+    """One exported graph (``xray.serving.runtime``) checked against eager fp32 PyTorch on the validation films."""
+
+    file: str  # in the pusher's stage folder, and by this name in the model directory
+    sha256: str  # serving refuses a graph file that differs, as it refuses weights that differ
+    precision: str  # fp32 | int8
+    runtime: str  # the runtime the check ran it in (onnxruntime)
+    films: int
+    top1_agreement: float
+    max_prob_diff: float
+    passed: bool  # only a passing graph is served
+    reason: str
+
+
+@dataclass(frozen=True)
+class RuntimeExport:
+    """The ONNX export made at push: the fp32 graph and, where made, its int8 quantization, each checked."""
+
+    format: str  # onnx
+    opset: int
+    graphs: tuple[ExportCheck, ...]  # fp32 first
+    min_agreement: float  # the check's bars, as they were when it ran
+    max_prob_diff: float
+
+    def servable(self, precision: str) -> ExportCheck | None:
+        return next((g for g in self.graphs if g.precision == precision and g.passed), None)
+
+
+@dataclass(frozen=True)
 class OODGate:
     """The model's own OOD score as shipped (``xray.models.ood``): ``score <= threshold`` is accepted."""
 
@@ -392,6 +421,7 @@ class OODGate:
     test_accepted: float
     # evaluation.external's films accepted by this score, per source name (the input checks come on top at serving)
     external_accepted: dict[str, float] = field(default_factory=dict)
+    confidence: float = 0.0  # evaluation.ood_confidence: the fitted quantile's upper bound at this confidence; 0: none
 
 
 @dataclass(frozen=True)

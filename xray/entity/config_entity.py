@@ -122,6 +122,7 @@ class EvaluationConfig:
     calibration: str = "temperature"  # temperature scaling fitted on validation, served | none
     ood: str = "mahalanobis"  # the model's own OOD score (penultimate features), shipped and served | none
     ood_acceptance: float = 0.99  # share of validation films the OOD threshold accepts
+    ood_confidence: float = 0.95  # the threshold is an upper bound, at this confidence, on that quantile; 0: the point estimate
     ood_suite: bool = True  # score the OOD suite (non-radiographs, inverted and rotated films) through /predict's path
 
 
@@ -141,6 +142,8 @@ class PushConfig:
     enabled: bool = True
     model_name: str = DEFAULT_MODEL_NAME
     s3_uri: str | None = None
+    export: str = "onnx"  # onnx: export the model at push, checked against eager PyTorch, for CPU runtimes | none
+    int8: bool = True  # also quantize the export to int8 (static, calibrated on training films), under the same check
 
 
 @dataclass(frozen=True)

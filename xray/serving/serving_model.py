@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray.entity.artifact_entity import OODGate, OperatingPoint
+from xray.entity.artifact_entity import OODGate, OperatingPoint, RuntimeExport
 from xray.entity.config_entity import DEFAULT_MODEL_NAME, InputGateConfig
 from xray.errors import XrayError
 from xray.serving.inference import (
@@ -36,6 +36,7 @@ from xray.serving.inference import (
     prepare_model,
 )
 from xray.models.ood import OODDetector
+from xray.serving.runtime import Session, open_session, runtime_choice, session_proba_and_features
 from xray.models.builders import build_ensemble, build_model, load_checkpoint
 from xray.data.preprocessing import Preprocessing
 from xray.typed import from_mapping, to_jsonable
@@ -63,6 +64,7 @@ class ModelSpec:
     temperature: float | None = None  # temperature scaling fitted on validation; None: pushed before calibration
     ood: OODGate | None = None  # the OOD score's threshold and statistics file; None: pushed before the OOD gate
     input_gate: InputGateConfig | None = None  # the run's input checks config; None: pushed before them (defaults)
+    export: RuntimeExport | None = None  # the ONNX graphs made at push and their checks; None: eager PyTorch only
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,14 @@ class LoadedModel:
     model: nn.Module
     inference_model: nn.Module
     device: torch.device
-    precision: str
+    precision: str  # fp32 | bf16 (eager), or the served graph's: fp32 | int8
     tag: str = ""
     ood: OODDetector | None = None
+    session: Session | None = None  # the ONNX graph's runtime session, where one serves (xray.serving.runtime)
+
+    @property
+    def runtime(self) -> str:
+        return self.session.runtime if self.session is not None else "torch"
 
     def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """The model's own probabilities (before calibration), as evaluation scored them."""
@@ -100,20 +107,32 @@ class LoadedModel:
 
     def scores(self, pixels: np.ndarray, batch_size: int = 64) -> ModelScores:
         """Calibrated probabilities and the OOD score from one forward pass (the OOD score reads features)."""
-        if self.ood is None:
+        if self.session is not None:
+            probs, features = session_proba_and_features(
+                self.session, pixels, self.spec.preprocessing, self.spec.tta, batch_size
+            )
+        elif self.ood is None:
             return ModelScores(self.calibrated_proba(pixels, batch_size), np.full(len(pixels), np.nan))
-        probs, features = predict_proba_and_features(
-            self.inference_model, pixels, self.spec.preprocessing, self.device,
-            precision=self.precision, batch_size=batch_size, tta=self.spec.tta,
-        )
+        else:
+            probs, features = predict_proba_and_features(
+                self.inference_model, pixels, self.spec.preprocessing, self.device,
+                precision=self.precision, batch_size=batch_size, tta=self.spec.tta,
+            )
+        if self.ood is None:
+            return ModelScores(apply_temperature(probs, self.spec.temperature), np.full(len(pixels), np.nan))
         return ModelScores(apply_temperature(probs, self.spec.temperature), self.ood.scores(features))
 
 
 def write_model_dir(
-    path: Path, spec: ModelSpec, checkpoint: Path, card: Path | None = None, ood_stats: Path | None = None
+    path: Path, spec: ModelSpec, checkpoint: Path, card: Path | None = None, ood_stats: Path | None = None,
+    export_dir: Path | None = None,
 ) -> None:
-    """Copy the checkpoint (and OOD statistics) byte for byte, so they match the sha256s in ``spec``."""
+    """Copy the checkpoint (OOD statistics, ONNX graphs) byte for byte, so they match the sha256s in ``spec``."""
     shutil.copyfile(checkpoint, path / WEIGHTS)
+    for graph in spec.export.graphs if spec.export is not None else ():
+        if export_dir is None:
+            raise XrayError(f"{SPEC} names the ONNX graph {graph.file} but no export folder was given")
+        shutil.copyfile(export_dir / graph.file, path / graph.file)
     if spec.ood is not None:
         if ood_stats is None:
             raise XrayError(f"{SPEC} names OOD statistics {spec.ood.file} but none were given")
@@ -169,6 +188,14 @@ def check_weights(
             raise ModelIntegrityError(
                 f"refusing model {name}: {spec.ood.file} has sha256 {digest[:16]}…, {SPEC} says {spec.ood.sha256[:16]}…"
             )
+    for graph in spec.export.graphs if spec.export is not None else ():
+        file = path / graph.file
+        if Path(graph.file).name != graph.file or not file.is_file():
+            raise ModelIntegrityError(f"refusing model {name}: {SPEC} names the ONNX graph {graph.file}, which is missing")
+        if (digest := _sha256(file)) != graph.sha256:
+            raise ModelIntegrityError(
+                f"refusing model {name}: {graph.file} has sha256 {digest[:16]}…, {SPEC} says {graph.sha256[:16]}…"
+            )
     if metadata_sha256 is not None and actual != metadata_sha256:
         raise ModelIntegrityError(
             f"refusing model {name}: {WEIGHTS} has sha256 {actual[:16]}…, its metadata says {metadata_sha256[:16]}…"
@@ -181,12 +208,15 @@ def check_weights(
 
 def load_model_dir(
     path: Path, precision: str = "fp32", tag: str = "", metadata_sha256: str | None = None,
-    metadata_ood_sha256: str | None = None,
+    metadata_ood_sha256: str | None = None, runtime: str = "torch", threads: int = 0,
 ) -> LoadedModel:
-    """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it).
+    """``precision``: fp32 (the reference), bf16 or auto (bf16 where the hardware has it), for eager PyTorch.
 
-    ``metadata_sha256`` (``metadata_ood_sha256``): the weights' (OOD statistics') sha256 in the store's
-    metadata; the files must match it.
+    ``runtime``: torch (eager), onnxruntime, openvino, or auto (the one measured fastest here,
+    ``xray.serving.runtime.runtime_choice``); an ONNX runtime serves the push's checked graph, int8 where it
+    passed its check and measured faster, and falls back to eager PyTorch for a model with no servable graph.
+    ``threads``: the runtime's threads (0: torch's count). ``metadata_sha256`` (``metadata_ood_sha256``): the
+    weights' (OOD statistics') sha256 in the store's metadata; the files must match it.
     """
     path = Path(path)
     spec = read_spec(path)
@@ -198,7 +228,31 @@ def load_model_dir(
     precision = choose_precision(device, precision)
     inference_model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" and device.type == "cpu" else model
     ood = OODDetector.load(path / spec.ood.file) if spec.ood is not None else None
-    return LoadedModel(spec, model, inference_model, device, precision, tag, ood)
+    session = _session_for(path, spec, runtime, threads or torch.get_num_threads(), tag or str(path)) if device.type == "cpu" else None
+    if session is not None:
+        precision = session.precision
+    return LoadedModel(spec, model, inference_model, device, precision, tag, ood, session)
+
+
+def _session_for(path: Path, spec: ModelSpec, runtime: str, threads: int, name: str) -> Session | None:
+    """The runtime session that serves ``spec``'s export here, or None for eager PyTorch (and why, in the log)."""
+    if runtime == "torch":
+        return None
+    if spec.export is None or spec.export.servable("fp32") is None:
+        why = "it was pushed without an ONNX export" if spec.export is None else "its ONNX export failed its check"
+        logger.info("serving %s on eager PyTorch: %s", name, why)
+        return None
+    int8 = False
+    if runtime == "auto":
+        choice = runtime_choice(threads)
+        logger.info("%s", choice.describe())
+        int8 = choice.int8 and spec.export.servable("int8") is not None
+        runtime = "onnxruntime" if int8 else choice.runtime  # int8 was measured in ONNX Runtime
+        if runtime == "torch":
+            return None
+    graph = spec.export.servable("int8" if int8 else "fp32")
+    assert graph is not None  # servable("fp32") was checked above
+    return open_session(runtime, path / graph.file, threads, graph.precision)
 
 
 def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
