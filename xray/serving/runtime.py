@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -316,13 +315,6 @@ def _measure_runtimes(threads: int) -> dict[str, float]:
         rates["onnxruntime_int8"] = _rate(lambda: session.run(x.numpy()))
     logger.info("serving runtimes measured at %d thread(s): %s", threads, rates)
     return {name: round(rate, 2) for name, rate in rates.items()}
-
-
-def runtime_setting(env: dict[str, str] | None = None) -> str:
-    value = (env if env is not None else os.environ).get("XRAY_RUNTIME", "auto")
-    if value not in ("auto", *RUNTIMES):
-        raise ValueError(f"XRAY_RUNTIME must be auto, {', '.join(RUNTIMES)}; got {value!r}")
-    return value
 
 
 def _sha256(path: Path) -> str:

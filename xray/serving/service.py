@@ -107,14 +107,16 @@ class XrayModel:
         self.loaded = load_model_dir(
             Path(self.model_ref.path), SETTINGS.precision, tag=str(self.model_ref.tag),
             metadata_sha256=metadata.get("weights_sha256"), metadata_ood_sha256=metadata.get("ood_stats_sha256"),
+            runtime=SETTINGS.runtime, threads=SETTINGS.threads_per_model_worker(),
         )
         self.image_size = self.loaded.spec.preprocessing.image_size
         # oneDNN builds kernels per input shape: pay for the common batch sizes now, not in the first requests.
         for batch in sorted({1, 2, 4, SETTINGS.max_batch_size}):
             self.loaded.scores(np.zeros((batch, self.image_size, self.image_size), np.uint8), batch)
         logger.info(
-            "serving %s (%s, %s, %d torch threads)",
-            self.loaded.tag, self.loaded.spec.architecture, self.loaded.precision, torch.get_num_threads(),
+            "serving %s (%s, runtime %s, %s, %d threads)",
+            self.loaded.tag, self.loaded.spec.architecture, self.loaded.runtime, self.loaded.precision,
+            torch.get_num_threads(),
         )
 
     @bentoml.api(

@@ -3,7 +3,8 @@
 ``XRAY_MODEL_TAG`` (default: the production pointer of ``XRAY_MODEL_NAME``, see
 ``xray.audit.registry``), ``XRAY_MAX_UPLOAD_BYTES``, ``XRAY_MAX_PIXELS``,
 ``XRAY_MAX_BATCH_SIZE``, ``XRAY_MAX_LATENCY_MS``, ``XRAY_PRECISION``,
-``XRAY_DECODE_THREADS``, ``XRAY_MAX_CONCURRENCY``, ``XRAY_FRONT_WORKERS``,
+``XRAY_RUNTIME`` (auto | onnxruntime | openvino | torch: what runs the push's ONNX export;
+auto: the one measured fastest here, ``xray.serving.runtime``), ``XRAY_DECODE_THREADS``, ``XRAY_MAX_CONCURRENCY``, ``XRAY_FRONT_WORKERS``,
 ``XRAY_MODEL_WORKERS``, ``XRAY_MODEL_THREADS``, ``XRAY_SERVE_TOKENS``
 (comma-separated bearer tokens for ``/predict``, ``/explain``, ``/metrics`` and
 ``/metadata``; unset: they are open, as a Bento behind its own gateway usually
@@ -31,7 +32,8 @@ class ServingSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch_size: int = 16  # bounds the memory of one forward pass
     max_latency_ms: int = 30_000  # BentoML answers 503 rather than queue past this
-    precision: str = "auto"  # auto = bf16 where the CPU/GPU has it, else fp32
+    precision: str = "auto"  # auto = bf16 where the CPU/GPU has it, else fp32 (eager PyTorch)
+    runtime: str = "auto"  # auto = the runtime measured fastest on this machine | onnxruntime | openvino | torch
     decode_threads: int = 2  # concurrent image decodes (each may hold a large image)
     max_concurrency: int = 64  # in-flight requests per front worker; beyond: 503
     front_workers: int = 1
@@ -61,6 +63,7 @@ class ServingSettings:
             max_batch_size=max(2, number("XRAY_MAX_BATCH_SIZE", defaults.max_batch_size)),
             max_latency_ms=number("XRAY_MAX_LATENCY_MS", defaults.max_latency_ms),
             precision=precision,
+            runtime=_runtime(env.get("XRAY_RUNTIME", defaults.runtime)),
             decode_threads=number("XRAY_DECODE_THREADS", defaults.decode_threads),
             max_concurrency=number("XRAY_MAX_CONCURRENCY", defaults.max_concurrency),
             front_workers=number("XRAY_FRONT_WORKERS", defaults.front_workers),
@@ -71,6 +74,15 @@ class ServingSettings:
 
     def threads_per_model_worker(self) -> int:
         return self.model_threads or max(1, (os.cpu_count() or 1) // self.model_workers)
+
+
+def _runtime(value: str) -> str:
+    if value not in RUNTIME_CHOICES:
+        raise ValueError(f"XRAY_RUNTIME must be one of {', '.join(RUNTIME_CHOICES)}, got {value!r}")
+    return value
+
+
+RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino", "torch")
 
 
 def production_or_latest(model_name: str) -> str:
