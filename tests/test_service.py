@@ -115,7 +115,8 @@ def test_metadata_describes_the_served_model(metadata: dict, served: tuple[Bento
     assert metadata["image_size"] == 32
     assert metadata["run_id"] and metadata["data_fingerprint"]
     assert "test" in metadata["metrics"]
-    assert metadata["serving"]["precision"] in ("bf16", "fp32")
+    assert metadata["serving"]["precision"] in ("bf16", "fp32", "int8")
+    assert metadata["serving"]["runtime"] in ("torch", "onnxruntime", "openvino")
 
 
 def test_a_refused_input_is_422_with_reasons_and_no_label(client: httpx.Client, metadata: dict, served) -> None:

@@ -13,7 +13,10 @@ import torch
 from xray.data.preprocessing import Preprocessing
 from xray.models.builders import build_ensemble
 from xray.pipeline.store import sha256_file
-from xray.serving.runtime import MAX_PROB_DIFF, check_export, make_export, open_session
+from xray.serving.runtime import (
+    INT8_MARGIN, MAX_PROB_DIFF, RuntimeChoice, check_export, make_export, open_session,
+    session_proba_and_features,
+)
 from xray.serving.serving_model import ModelIntegrityError, ModelSpec, load_model_dir, write_model_dir
 from xray.serving.settings import ServingSettings
 
@@ -63,9 +66,67 @@ def test_auto_serves_a_checked_graph_and_names_its_runtime(exported: tuple[Path,
     served = load_model_dir(model_dir, runtime="auto", threads=1)
     assert served.runtime in ("onnxruntime", "openvino", "torch")
     if served.session is not None:
-        graph = served.spec.export.servable(served.precision)
-        assert graph is not None and graph.passed
+        graph = served.spec.export.servable(served.precision, served.runtime)
+        assert graph is not None and graph.passed and graph.runtime == served.runtime
     assert served.scores(films[:3]).probabilities.shape == (3, 3)
+
+
+def test_every_graph_is_checked_in_every_onnx_runtime(exported: tuple[Path, Path, np.ndarray]) -> None:
+    export = load_model_dir(exported[0]).spec.export
+    assert {(g.file, g.precision, g.runtime) for g in export.graphs} == {
+        (file, precision, runtime)
+        for file, precision in (("model.onnx", "fp32"), ("model.int8.onnx", "int8"))
+        for runtime in ("onnxruntime", "openvino")
+    }
+    assert export.servable("int8", "tensorflow") is None
+
+
+def test_int8_is_tried_only_where_it_measured_clearly_faster() -> None:
+    rates = {"torch": 50.0, "onnxruntime": 100.0, "openvino": 90.0, "onnxruntime_int8": 110.0, "openvino_int8": 200.0}
+    choice = RuntimeChoice(rates, "bf16")
+    assert choice.ranked == (
+        ("openvino", "int8"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("torch", "bf16"),
+    )  # onnxruntime int8 at 1.1x the best fp32 is under INT8_MARGIN; openvino int8 at 2x is over it
+    assert INT8_MARGIN > 1.1
+    slow_onnx = RuntimeChoice({**rates, "torch": 300.0}, "bf16")
+    assert slow_onnx.ranked[0] == ("torch", "bf16") and ("openvino", "int8") not in slow_onnx.ranked
+
+
+def test_auto_falls_back_past_a_graph_that_failed_in_the_fastest_runtime(
+    exported: tuple[Path, Path, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The measured order says openvino int8 first; its check failed there, so the next that passed serves."""
+    import xray.serving.serving_model as serving_model
+
+    model_dir, checkpoint, films = exported
+    spec = load_model_dir(model_dir).spec
+    failed = tuple(
+        dataclasses.replace(g, passed=False, reason="forced") if (g.precision, g.runtime) == ("int8", "openvino") else g
+        for g in spec.export.graphs
+    )
+    out = tmp_path / "model"
+    out.mkdir()
+    write_model_dir(out, dataclasses.replace(spec, export=dataclasses.replace(spec.export, graphs=failed)), checkpoint,
+                    export_dir=model_dir)
+    order = {"torch": 1.0, "onnxruntime": 2.0, "openvino": 1.5, "onnxruntime_int8": 2.1, "openvino_int8": 9.0}
+    monkeypatch.setattr(serving_model, "runtime_choice", lambda threads: RuntimeChoice(order, "fp32"))
+    served = load_model_dir(out, runtime="auto", threads=1)
+    assert (served.runtime, served.precision) == ("onnxruntime", "fp32")
+    assert served.scores(films[:2]).probabilities.shape == (2, 3)
+
+
+def test_each_int8_check_records_what_its_runtime_does(exported: tuple[Path, Path, np.ndarray]) -> None:
+    """Rerun on the check's own films (the first 16), each runtime's int8 graph gives the recorded figures."""
+    model_dir, _, films = exported
+    export = load_model_dir(model_dir).spec.export
+    reference = load_model_dir(model_dir, runtime="torch").scores(films[:16]).probabilities
+    for runtime in ("onnxruntime", "openvino"):
+        check = next(g for g in export.graphs if (g.precision, g.runtime) == ("int8", runtime))
+        session = open_session(runtime, model_dir / check.file, 1, "int8")
+        probs, _ = session_proba_and_features(session, films[:16], PREP, ("hflip",))
+        diff = float(np.abs(probs - reference).max())
+        assert diff == pytest.approx(check.max_prob_diff, abs=2e-3)
+        assert check.passed == (diff <= MAX_PROB_DIFF and check.top1_agreement >= export.min_agreement)
 
 
 def test_a_changed_graph_is_refused(exported: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:

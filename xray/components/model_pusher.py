@@ -330,7 +330,10 @@ def _add_to_store(
     if spec.ood is not None:  # serving checks the statistics file against this, as it checks the weights
         metadata.update(ood_stats_sha256=spec.ood.sha256, ood_threshold=spec.ood.threshold)
     if export is not None:
-        metadata["onnx_graphs"] = {g.file: {"sha256": g.sha256, "served": g.passed} for g in export.graphs}
+        metadata["onnx_graphs"] = {
+            g.file: {"sha256": g.sha256, "serves_in": [c.runtime for c in export.graphs if c.file == g.file and c.passed]}
+            for g in export.graphs
+        }
     try:
         # BentoML builds the model in a temporary folder and registers it in the store on a clean exit.
         with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:

@@ -384,7 +384,7 @@ class ExportCheck:
     file: str  # in the pusher's stage folder, and by this name in the model directory
     sha256: str  # serving refuses a graph file that differs, as it refuses weights that differ
     precision: str  # fp32 | int8
-    runtime: str  # the runtime the check ran it in (onnxruntime)
+    runtime: str  # the runtime the check ran it in (onnxruntime | openvino): it serves only there
     films: int
     top1_agreement: float
     max_prob_diff: float
@@ -398,12 +398,15 @@ class RuntimeExport:
 
     format: str  # onnx
     opset: int
-    graphs: tuple[ExportCheck, ...]  # fp32 first
+    graphs: tuple[ExportCheck, ...]  # one check per graph file and runtime, fp32 first
     min_agreement: float  # the check's bars, as they were when it ran
     max_prob_diff: float
 
-    def servable(self, precision: str) -> ExportCheck | None:
-        return next((g for g in self.graphs if g.precision == precision and g.passed), None)
+    def servable(self, precision: str, runtime: str | None = None) -> ExportCheck | None:
+        """The check that lets the ``precision`` graph serve in ``runtime`` (any runtime: None), if it passed."""
+        return next(
+            (g for g in self.graphs if g.precision == precision and g.passed and runtime in (None, g.runtime)), None
+        )
 
 
 @dataclass(frozen=True)

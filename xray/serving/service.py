@@ -44,7 +44,6 @@ from starlette.responses import JSONResponse
 from xray.data.preprocessing import ImageTooLargeError, UnsupportedImageFormat
 from xray.serving import predict as one_path
 from xray.serving.guards import ServeTokenGuard, UploadGuard, error_response
-from xray.serving.inference import choose_device, choose_precision
 from xray.serving.serving_model import read_card, read_spec
 from xray.serving.settings import ServingSettings
 
@@ -132,6 +131,13 @@ class XrayModel:
         return one_path.pack(self.loaded.scores(pixels, batch_size=SETTINGS.max_batch_size))
 
     @bentoml.api
+    def served(self) -> dict[str, Any]:
+        """What this worker runs the model in: ``/metadata`` reports it (the runtime is chosen per worker)."""
+        import torch
+
+        return {"runtime": self.loaded.runtime, "precision": self.loaded.precision, "threads": torch.get_num_threads()}
+
+    @bentoml.api
     def explain(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
         """uint8 ``1×S×S`` -> the RGB uint8 Grad-CAM overlay ``S×S×3`` for ``class_index``."""
         from xray.evaluation.explain import gradcam_overlays
@@ -205,7 +211,7 @@ class XrayClassifier:
         return Image.fromarray(np.asarray(overlay, dtype=np.uint8), mode="RGB")
 
     @metadata_app.get("/metadata")
-    def metadata(self) -> dict[str, Any]:
+    async def metadata(self) -> dict[str, Any]:
         """What is being served and where it came from (tag, classes, metrics, provenance)."""
         spec = self.spec
         return {
@@ -228,7 +234,7 @@ class XrayClassifier:
             "input_gate": {"warn": sorted(self.policy.warn)},
             "model_card": one_path.json_safe(self.card),
             "serving": {
-                "precision": choose_precision(choose_device(), SETTINGS.precision),
+                **await self._backend_call("served"),  # runtime, precision, threads of a model worker
                 "max_batch_size": SETTINGS.max_batch_size,
                 "max_upload_bytes": SETTINGS.max_upload_bytes,
                 "max_pixels": SETTINGS.max_pixels,

@@ -238,21 +238,23 @@ def _session_for(path: Path, spec: ModelSpec, runtime: str, threads: int, name: 
     """The runtime session that serves ``spec``'s export here, or None for eager PyTorch (and why, in the log)."""
     if runtime == "torch":
         return None
-    if spec.export is None or spec.export.servable("fp32") is None:
-        why = "it was pushed without an ONNX export" if spec.export is None else "its ONNX export failed its check"
-        logger.info("serving %s on eager PyTorch: %s", name, why)
+    if spec.export is None:
+        logger.info("serving %s on eager PyTorch: it was pushed without an ONNX export", name)
         return None
-    int8 = False
+    candidates: tuple[tuple[str, str], ...] = ((runtime, "fp32"),)
     if runtime == "auto":
         choice = runtime_choice(threads)
         logger.info("%s", choice.describe())
-        int8 = choice.int8 and spec.export.servable("int8") is not None
-        runtime = "onnxruntime" if int8 else choice.runtime  # int8 was measured in ONNX Runtime
-        if runtime == "torch":
+        candidates = choice.ranked
+    for candidate, precision in candidates:  # the fastest whose graph passed its check in that runtime
+        if candidate == "torch":
             return None
-    graph = spec.export.servable("int8" if int8 else "fp32")
-    assert graph is not None  # servable("fp32") was checked above
-    return open_session(runtime, path / graph.file, threads, graph.precision)
+        graph = spec.export.servable(precision, candidate)
+        if graph is not None:
+            return open_session(candidate, path / graph.file, threads, precision)
+    logger.info("serving %s on eager PyTorch: no ONNX graph passed its check in %s", name, ", ".join(
+        f"{candidate} {precision}" for candidate, precision in candidates))
+    return None
 
 
 def load_stored_model(tag: str, precision: str = "fp32") -> LoadedModel:
