@@ -179,8 +179,15 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     names = list(spec.class_names)
     labels = np.array([names.index(p.parent.name) for p in films])
     pixels = np.stack([load_for_model(p, spec.preprocessing) for p in films])
-    correct = int((loaded.predict_proba(pixels).argmax(1) == labels).sum())
+    predicted = loaded.predict_proba(pixels).argmax(1)
+    correct = int((predicted == labels).sum())
+    per_class = []  # what each class's held-out films were called: where the misses went
+    for i, name in enumerate(names):
+        called = np.bincount(predicted[labels == i], minlength=len(names))
+        misses = ", ".join(f"{names[j]} {n}" for j, n in enumerate(called) if j != i and n)
+        per_class.append(f"{name} {called[i]}/{called.sum()}" + (f" (misses: {misses})" if misses else ""))
     return {
+        "per_class": per_class,
         "holdout_correct": correct,
         "holdout_total": len(films),
         "holdout_acc": correct / len(films),

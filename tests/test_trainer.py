@@ -10,6 +10,7 @@ import pytest
 from xray.training.fit import (
     AUC_MONITOR_MIN_PER_CLASS,
     TrainingData,
+    cell_weights,
     ema_decay,
     fit,
     resolve_monitor,
@@ -98,3 +99,48 @@ def test_a_small_dataset_trains_at_a_smaller_batch_with_a_scaled_learning_rate()
     assert small_data_batch(cfg, 40).batch_size == 16  # never below the smallest batch, however few images
     off = dataclasses.replace(cfg, min_steps_per_epoch=0)
     assert small_data_batch(off, 132) == off  # 0: off
+
+
+def _pooled(cells: dict[tuple[int, int], int]) -> TrainingData:
+    """Blank images whose (class, source) counts are ``cells``: only the labels and sources matter here."""
+    y = np.concatenate([np.full(n, c, dtype=np.int64) for (c, _), n in cells.items()])
+    sources = np.concatenate([np.full(n, s, dtype=np.int64) for (_, s), n in cells.items()])
+    x = np.zeros((len(y), 8, 8), dtype=np.uint8)
+    return TrainingData(x, y, x[:0], y[:0], ("Covid", "Normal"), Preprocessing(image_size=8, mean=0.5, std=0.25), AugmentConfig(),
+                        train_sources=sources)
+
+
+def test_pooled_sources_weigh_each_class_and_source_cell_alike() -> None:
+    # Covid from a large source (60) and a small one (20); Normal from the large source (40)
+    data = _pooled({(0, 0): 60, (0, 1): 20, (1, 0): 40})
+    balanced = cell_weights(data, dataclasses.replace(FAST, class_weighting="balanced"))
+    assert balanced is not None and balanced.shape == (120,)
+    assert balanced.mean().item() == pytest.approx(1.0)
+    totals = [balanced[:60].sum().item(), balanced[60:80].sum().item(), balanced[80:].sum().item()]
+    assert totals == pytest.approx([40.0, 40.0, 40.0])  # each cell's films weigh the same in all
+    softened = cell_weights(data, dataclasses.replace(FAST, class_weighting="sqrt"))
+    assert softened is not None
+    ratio = softened[60].item() / softened[0].item()  # a small-source film against a large-source one
+    assert ratio == pytest.approx(np.sqrt(3.0))
+
+
+def test_cell_weights_apply_only_to_pooled_sources_and_when_asked() -> None:
+    data = _pooled({(0, 0): 60, (0, 1): 20, (1, 0): 40})
+    assert cell_weights(data, dataclasses.replace(FAST, balance_by="class")) is None
+    assert cell_weights(data, dataclasses.replace(FAST, class_weighting="none")) is None
+    one_source = dataclasses.replace(data, train_sources=np.zeros(120, dtype=np.int64))
+    assert cell_weights(one_source, FAST) is None  # one source: the class weights, exactly as before
+    assert cell_weights(dataclasses.replace(data, train_sources=None), FAST) is None
+
+
+def test_a_weighted_fit_runs_and_learns() -> None:
+    """A weighted fit runs end to end and its loss is a weighted mean (finite, positive)."""
+    train_x, train_y = separable(24, 0)
+    val_x, val_y = separable(12, 1)
+    sources = (np.arange(24) % 3 == 0).astype(np.int64)
+    data = TrainingData(train_x, train_y, val_x, val_y, ("left", "right"), Preprocessing(image_size=16, mean=0.5, std=0.25),
+                        AugmentConfig(hflip=False, rotation_degrees=0, translate=0, scale=0, brightness=0, contrast=0),
+                        train_sources=sources)
+    result = fit("simple_cnn", data, dataclasses.replace(FAST, epochs=3))
+    assert all(np.isfinite(r.train_loss) and r.train_loss > 0 for r in result.history)
+    assert result.history[-1].val_accuracy == 1.0

@@ -23,6 +23,7 @@ _CHOICES = {
     "trainer.scheduler": ("cosine", "plateau"),
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.class_weighting": ("sqrt", "balanced", "none"),
+    "trainer.balance_by": ("class", "class_source"),
     "trainer.monitor": ("auto", "roc_auc", "accuracy", "loss"),
     "trainer.cv_final_model": ("ensemble", "retrain", "best_fold"),
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),

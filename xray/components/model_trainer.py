@@ -13,12 +13,14 @@ single-process run. Rank 0 runs this stage; the other ranks run
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from xray.training.distributed import DistContext
@@ -63,6 +65,7 @@ def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
 
 
 def load_training_data(run_path: Path, transformation: DataTransformationArtifact) -> TrainingData:
+    """The cached arrays, with each training image's source where the run pools several."""
     return TrainingData(
         train_x=transformation.load_array(run_path, "train_x"),
         train_y=transformation.load_array(run_path, "train_y"),
@@ -71,7 +74,19 @@ def load_training_data(run_path: Path, transformation: DataTransformationArtifac
         class_names=transformation.class_names,
         preprocessing=preprocessing_of(transformation),
         augment=from_mapping(AugmentConfig, dict(transformation.augmentation)),
+        train_sources=train_sources(run_path, transformation),
     )
+
+
+def train_sources(run_path: Path, transformation: DataTransformationArtifact) -> np.ndarray | None:
+    """Each training image's source as an index (splits.jsonl, by row), or None when there is only one."""
+    index = run_path / Path(transformation.arrays["train_x"]).parent / "splits.jsonl"
+    with open(index) as fh:
+        rows = sorted((r["row"], r.get("source", "")) for r in map(json.loads, fh) if r["split"] == "train")
+    names = sorted({source for _, source in rows})
+    if len(names) < 2:
+        return None
+    return np.array([names.index(source) for _, source in rows], dtype=np.int64)
 
 
 def run(ctx: StageContext, inputs: Inputs) -> ModelTrainerArtifact:

@@ -127,6 +127,7 @@ def cross_validate(
         fold = dataclasses.replace(
             data,
             train_x=plan.x[train_rows], train_y=plan.y[train_rows], val_x=plan.x[held_rows], val_y=plan.y[held_rows],
+            train_sources=None,  # folds mix train and val rows: weighted by class alone
         )
         ranks.log("%s fold %d/%d: training on %d images, validating on %d", name, i, plan.k, len(train_rows), len(held_rows))
         report = None if progress is None else functools.partial(progress, fold=i, folds=plan.k)
@@ -170,7 +171,7 @@ def _retrain(
     progress: ProgressFn | None, ranks: Ranks,
 ) -> FitResult:
     """The final model on the whole pool for ``epochs``; nothing is held out, so the CV mean stands in as its score."""
-    pool = dataclasses.replace(data, train_x=plan.x, train_y=plan.y, val_x=plan.x[:0], val_y=plan.y[:0])
+    pool = dataclasses.replace(data, train_x=plan.x, train_y=plan.y, val_x=plan.x[:0], val_y=plan.y[:0], train_sources=None)
     ranks.log("%s: retraining on all %d train+val images for %d epochs", name, len(plan.y), epochs)
     report = None if progress is None else functools.partial(progress, fold="final", folds=plan.k)
     schedule = dataclasses.replace(cfg, epochs=epochs, early_stopping_patience=0, min_steps=0)
