@@ -20,7 +20,7 @@ from xray.training.fit import (
 from xray.entity.config_entity import AugmentConfig, TrainerConfig
 from xray.data.preprocessing import Preprocessing
 
-FAST = TrainerConfig(
+FAST = TrainerConfig(balance_by="class_source",
     candidates=("simple_cnn",), batch_size=8, learning_rate=3e-3, warmup_epochs=0,
     precise_bn_images=0, early_stopping_patience=0, max_batches_per_epoch=0, seed=0,
     min_steps=0, min_steps_per_epoch=0, time_budget="none",  # each test sets the schedule rule it tests
@@ -126,7 +126,7 @@ def test_pooled_sources_weigh_each_class_and_source_cell_alike() -> None:
 
 def test_cell_weights_apply_only_to_pooled_sources_and_when_asked() -> None:
     data = _pooled({(0, 0): 60, (0, 1): 20, (1, 0): 40})
-    assert cell_weights(data, dataclasses.replace(FAST, balance_by="class")) is None
+    assert cell_weights(data, dataclasses.replace(FAST, balance_by="class")) is None  # the default
     assert cell_weights(data, dataclasses.replace(FAST, class_weighting="none")) is None
     one_source = dataclasses.replace(data, train_sources=np.zeros(120, dtype=np.int64))
     assert cell_weights(one_source, FAST) is None  # one source: the class weights, exactly as before

@@ -75,7 +75,7 @@ class TrainerConfig:
     min_steps_per_epoch: int = 8  # > 0: small datasets halve the batch (not below 16) until an epoch has this many steps
     monitor: str = "auto"  # validation metric for early stopping and the best checkpoint; auto: loss on a small validation set
     class_weighting: str = "sqrt"  # sqrt | balanced | none: inverse-frequency loss weights
-    balance_by: str = "class_source"  # class | class_source: the cells those weights count (source matters when pooled)
+    balance_by: str = "class"  # class | class_source: the cells those weights count (source matters when pooled)
     weights: str = "none"  # none | imagenet | path to a torchvision state_dict
     precision: str = "auto"  # auto | bf16 | fp32
     channels_last: bool = True
