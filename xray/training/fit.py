@@ -376,7 +376,9 @@ def cell_weights(data: TrainingData, cfg: TrainerConfig) -> torch.Tensor | None:
     sources = data.train_sources
     if cfg.balance_by != "class_source" or cfg.class_weighting == "none" or sources is None:
         return None
-    if len(sources) != len(data.train_y) or len(np.unique(sources)) < 2:
+    if len(sources) != len(data.train_y):  # a subset of the rows that kept the whole set's sources: a bug upstream
+        raise ValueError(f"train_sources has {len(sources)} entries for {len(data.train_y)} training images")
+    if len(np.unique(sources)) < 2:
         return None
     _, cell, counts = np.unique(np.stack([data.train_y, sources], 1), axis=0, return_inverse=True, return_counts=True)
     cell = cell.reshape(-1)
