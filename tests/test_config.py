@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xray.config import _RANGES, flatten, apply_override, config_to_dict, load_config
+from xray.config import _CHOICES, _RANGES, flatten, apply_override, config_to_dict, load_config
 from xray.errors import ConfigError
 
 from .conftest import REPO, run_cli
@@ -46,6 +46,7 @@ def test_overrides_parse_yaml_values() -> None:
         ("trainer.min_steps_per_epoch=1e9", "trainer.min_steps_per_epoch: expected an integer"),
         ("trainer.monitor=auc", "trainer.monitor must be one of"),
         ("trainer.cv_final_model=bag", "trainer.cv_final_model must be one of"),
+        ("trainer.balance_by=source", "trainer.balance_by must be one of class, class_source"),
         ("trainer.ema_epochs=-0.5", "trainer.ema_epochs must be between 0 and"),
         ("ingestion.group_by=person(\\d+)_", "named group 'patient'"),
         ("ingestion.group_by=[unclosed", "named group 'patient'"),
@@ -59,6 +60,17 @@ def test_overrides_parse_yaml_values() -> None:
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("key", sorted(_CHOICES))
+def test_every_choice_key_rejects_a_value_outside_its_list(key: str) -> None:
+    """Each enumerated key fails at load with its allowed values named, and accepts each listed value."""
+    with pytest.raises(ConfigError, match=f"{key} must be one of"):
+        load_config(None, [f"{key}=not_a_choice"])
+    for allowed in _CHOICES[key]:
+        section, name = key.split(".")
+        value = getattr(getattr(load_config(None, [f"{key}={allowed}"]), section), name)
+        assert value == allowed
 
 
 def test_override_without_equals_is_rejected() -> None:

@@ -123,12 +123,28 @@ def load_config(
 
 def config_from_mapping(raw: dict[str, Any]) -> PipelineConfig:
     _migrate_external(raw)
+    _unbool_choices(raw)
     try:
         config = from_mapping(PipelineConfig, raw)
     except SchemaError as exc:
         raise ConfigError(f"config: {exc}") from None
     validate(config)
     return config
+
+
+def _unbool_choices(raw: dict[str, Any]) -> None:
+    """Read YAML 1.1's booleans back as the words on/off where a choice key lists them.
+
+    ``tta: off`` in a file and ``--set evaluation.tta=off`` both reach here as False, since
+    PyYAML follows YAML 1.1; the user wrote the word, and the key's choices hold it.
+    """
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        block = raw.get(section)
+        if isinstance(block, dict) and isinstance(block.get(name), bool):
+            word = "on" if block[name] else "off"
+            if word in allowed:
+                block[name] = word
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

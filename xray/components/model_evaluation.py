@@ -62,7 +62,7 @@ from xray.data.preprocessing import Preprocessing, preprocessing_of, resize_batc
 from xray.evaluation import external as external_check
 from xray.evaluation import shortcut
 from xray.evaluation.external import ExternalFilms
-from xray.data.snapshot import SPLITS
+from xray.data.snapshot import split_rows
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import RunDir, fingerprint as fingerprint_of, new_header, sha256_file, stage_code_hash
 from xray.typed import to_jsonable
@@ -198,10 +198,7 @@ def _train_val_films(
     run_dir: RunDir, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact
 ) -> tuple[np.ndarray, np.ndarray, list[Path | None]]:
     """Train+val pixels (the cached arrays), labels, and each film's raw file (None for an .npz or a missing file)."""
-    index = run_dir.path / Path(transformation.arrays["train_x"]).parent / "splits.jsonl"
-    with open(index) as fh:
-        rows = [row for row in map(json.loads, fh) if row["split"] in ("train", "val")]
-    rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["row"]))
+    rows = split_rows(run_dir.path, transformation, "train", "val")
     root = ingestion.dataset_root(run_dir.path)
     paths: list[Path | None] = [None] * len(rows)
     if ingestion.source_kind != "npz":
@@ -489,10 +486,7 @@ def _clinical_evidence(
     intervals = bootstrap_intervals(arrays["test_y"], test_probs, resamples, seed, positive, threshold)
     subgroups = ()
     if ingestion.metadata_columns:
-        index = run_dir.path / Path(transformation.arrays["test_x"]).parent / "splits.jsonl"
-        with open(index) as fh:
-            rows = [row for row in map(json.loads, fh) if row["split"] == "test"]
-        metadata = [row.get("metadata") or {} for row in sorted(rows, key=lambda r: r["row"])]
+        metadata = [row.get("metadata") or {} for row in split_rows(run_dir.path, transformation, "test")]
         subgroups = subgroup_metrics(
             arrays["test_y"], test_probs, metadata, classes, resamples, seed, cfg.subgroup_min_count, positive, threshold
         )

@@ -25,6 +25,7 @@ import torch
 
 from xray.training.distributed import DistContext
 from xray.data.preprocessing import preprocessing_of
+from xray.data.snapshot import split_rows
 from xray.entity.artifact_entity import CandidateModel, DataTransformationArtifact, ModelTrainerArtifact, TrainingPlan
 from xray.entity.config_entity import AugmentConfig, PipelineConfig, TrainerConfig
 from xray.models.builders import build_model, count_parameters
@@ -80,13 +81,11 @@ def load_training_data(run_path: Path, transformation: DataTransformationArtifac
 
 def train_sources(run_path: Path, transformation: DataTransformationArtifact) -> np.ndarray | None:
     """Each training image's source as an index (splits.jsonl, by row), or None when there is only one."""
-    index = run_path / Path(transformation.arrays["train_x"]).parent / "splits.jsonl"
-    with open(index) as fh:
-        rows = sorted((r["row"], r.get("source", "")) for r in map(json.loads, fh) if r["split"] == "train")
-    names = sorted({source for _, source in rows})
+    sources = [row.get("source", "") for row in split_rows(run_path, transformation, "train")]
+    names = sorted(set(sources))
     if len(names) < 2:
         return None
-    return np.array([names.index(source) for _, source in rows], dtype=np.int64)
+    return np.array([names.index(source) for source in sources], dtype=np.int64)
 
 
 def run(ctx: StageContext, inputs: Inputs) -> ModelTrainerArtifact:

@@ -25,6 +25,18 @@ def decoder(ingestion: DataIngestionArtifact, run_path: Path, size: int) -> Deco
     return source_named(ingestion.source_kind).decoder(ingestion.dataset_root(run_path), size)
 
 
+def split_rows(run_path: Path, transformation: DataTransformationArtifact, *splits: str) -> list[dict]:
+    """The splits.jsonl rows of the given splits, in array order (split by SPLITS order, then row).
+
+    One reader for the index transformation writes beside the arrays: its rows carry each image's
+    ref, sha256, group, metadata and source, which the trainer, evaluator and pusher each need.
+    """
+    index_path = run_path / Path(transformation.arrays["train_x"]).parent / "splits.jsonl"
+    with open(index_path) as fh:
+        rows = [row for row in map(json.loads, fh) if row["split"] in splits]
+    return sorted(rows, key=lambda r: (SPLITS.index(r["split"]), r["row"]))
+
+
 def split_pixels(
     run_path: Path, ingestion: DataIngestionArtifact, transformation: DataTransformationArtifact, split: str, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +44,6 @@ def split_pixels(
     labels = transformation.load_array(run_path, f"{split}_y")
     if size == transformation.image_size:
         return transformation.load_array(run_path, f"{split}_x"), labels
-    index_path = run_path / Path(transformation.arrays[f"{split}_x"]).parent / "splits.jsonl"
-    with open(index_path) as fh:
-        rows = [json.loads(line) for line in fh]
-    items = [Item(**{k: v for k, v in r.items() if k != "row"}) for r in rows if r["split"] == split]
+    rows = split_rows(run_path, transformation, split)
+    items = [Item(**{k: v for k, v in r.items() if k != "row"}) for r in rows]
     return decoder(ingestion, run_path, size)(items, split), labels
