@@ -101,3 +101,30 @@ def test_auto_image_size_follows_native_resolution(tmp_path: Path) -> None:
     root = class_folder(tmp_path / "data", {"a": 10, "b": 10})  # 40 px images
     artifact, _ = transform(tmp_path, root, "transformation.image_size=auto")
     assert artifact.image_size == 32
+
+
+def test_equalize_maps_a_tone_curve_away_and_is_off_by_default() -> None:
+    """Two copies of a film that differ by a monotone tone curve become (nearly) one film once equalised."""
+    from xray.data.preprocessing import Preprocessing
+
+    film = np.random.default_rng(0).integers(30, 200, (1, 48, 48)).astype(np.uint8)
+    curved = (255.0 * (film / 255.0) ** 0.5).round().astype(np.uint8)  # another scanner's gamma
+    plain, flat = Preprocessing(48, 0.5, 0.29), Preprocessing(48, 0.5, 0.29, intensity="equalize")
+    assert float((plain.to_unit(film) - plain.to_unit(curved)).abs().mean()) > 0.1
+    assert float((flat.to_unit(film) - flat.to_unit(curved)).abs().mean()) < 0.02
+    unit = flat.to_unit(film)
+    assert unit.shape == (1, 1, 48, 48) and float(unit.min()) == 0.0 and float(unit.max()) == 1.0
+
+
+def test_intensity_equalize_reaches_the_contract_and_the_normalisation(tmp_path: Path) -> None:
+    from xray.data.preprocessing import preprocessing_of
+
+    root = class_folder(tmp_path / "data", {"a": 12, "b": 12})
+    plain, plain_run = transform(tmp_path / "plain", root)
+    flat, flat_run = transform(tmp_path / "flat", root, "transformation.intensity=equalize")
+    assert plain.intensity == "none" and preprocessing_of(plain).intensity == "none"
+    assert flat.intensity == "equalize" and preprocessing_of(flat).intensity == "equalize"
+    # the cache holds the films as decoded; the statistics are those of what the models see
+    np.testing.assert_array_equal(np.load(plain_run.path / plain.arrays["train_x"]), np.load(flat_run.path / flat.arrays["train_x"]))
+    assert abs(flat.normalization["mean"] - 0.5) < 0.05
+    assert flat.normalization != plain.normalization

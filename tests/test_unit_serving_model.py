@@ -13,7 +13,7 @@ import torch
 
 from xray.serving.inference import predict_proba
 from xray.models.builders import build_model
-from xray.data.preprocessing import Preprocessing
+from xray.data.preprocessing import Preprocessing, equalize
 from xray.serving.serving_model import (
     SPEC, WEIGHTS, ModelSpec, load_model_dir, production_model_dir, read_spec, write_model_dir,
 )
@@ -101,3 +101,22 @@ def test_production_model_is_the_newest_gated_one_in_the_store(tmp_path: Path) -
     probs = load_model_dir(path, precision="fp32").predict_proba(images())
     expected = predict_proba(original, images(), PREP, torch.device("cpu"), channels_last=False)
     np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_an_equalising_contract_is_kept_in_the_model_dir_and_applied_when_serving(tmp_path: Path) -> None:
+    """The intensity step travels in model.json, so a served film is equalised as the training films were."""
+    original, checkpoint = trained_checkpoint(tmp_path)
+    equalising = dataclasses.replace(PREP, intensity="equalize")
+    spec = dataclasses.replace(spec_for(checkpoint), preprocessing=equalising)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_model_dir(model_dir, spec, checkpoint)
+    loaded = load_model_dir(model_dir, precision="fp32")
+    assert loaded.spec.preprocessing.intensity == "equalize"
+    dim = (images() // 4 + 40).astype(np.uint8)  # a dark, low-contrast copy: equalising undoes most of it
+    served = loaded.predict_proba(dim, batch_size=2)
+    expected = predict_proba(original, dim, equalising, torch.device("cpu"), channels_last=False)
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-6)
+    seen = loaded.spec.preprocessing.to_tensor(dim)  # what the network is given
+    torch.testing.assert_close(seen, PREP.to_tensor(equalize(dim)))
+    assert float((seen - PREP.to_tensor(dim)).abs().mean()) > 0.5

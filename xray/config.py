@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from xray.entity.config_entity import CANDIDATES, PipelineConfig
+from xray.entity.config_entity import CANDIDATES, INTENSITIES, PipelineConfig
 from xray.errors import ConfigError
 from xray.data.grouping import patient_pattern
 from xray.typed import SchemaError, from_mapping, to_jsonable
@@ -24,6 +24,7 @@ _CHOICES = {
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.class_weighting": ("sqrt", "balanced", "none"),
     "trainer.balance_by": ("class", "class_source"),
+    "transformation.intensity": INTENSITIES,
     "trainer.monitor": ("auto", "roc_auc", "accuracy", "loss"),
     "trainer.cv_final_model": ("ensemble", "retrain", "best_fold"),
     "evaluation.selection_metric": ("roc_auc", "accuracy", "macro_f1"),

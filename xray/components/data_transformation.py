@@ -22,7 +22,7 @@ from xray.entity.config_entity import PipelineConfig
 from xray.errors import DataError
 from xray.pipeline.stage import Inputs, StageContext
 from xray.pipeline.store import fingerprint as fingerprint_of, new_header, stage_code_hash
-from xray.data.preprocessing import resolve_image_size
+from xray.data.preprocessing import equalize, resolve_image_size
 from xray.data.snapshot import SPLITS, Decoder, decoder
 from xray.data.sources.registry import source_named
 from xray.typed import to_jsonable
@@ -52,6 +52,8 @@ def run(ctx: StageContext, inputs: Inputs) -> DataTransformationArtifact:
     out = run_dir.stage_dir(STAGE)
     arrays, counts, train_pixels = _write_splits(splits, ingestion.class_names, decoder(ingestion, run_dir.path, size), out)
     files = [out / f"{split}_{part}.npy" for split in SPLITS for part in ("x", "y")] + [out / "splits.jsonl"]
+    if cfg.intensity == "equalize":  # the mean and std of what the models will see
+        train_pixels = equalize(train_pixels).numpy()
     scaled = train_pixels.astype(np.float32) / 255.0
     normalization = {"mean": round(float(scaled.mean()), 6), "std": round(max(float(scaled.std()), 1e-3), 6)}
     logger.info(
@@ -71,6 +73,7 @@ def run(ctx: StageContext, inputs: Inputs) -> DataTransformationArtifact:
         normalization=normalization,
         augmentation=to_jsonable(cfg.augment),
         grouped_by="patient" if grouped else "image",
+        intensity=cfg.intensity,
         **source_contract(ingestion),
     )
 

@@ -85,10 +85,18 @@ class Preprocessing:
     source_crop: str = "none"  # none | center_square: how the training images were cut from full-size films
     source_size: int = 0  # > 0: the training images were made at this size first (MedMNIST: 28)
     source_filter: str = "bilinear"  # the filter that made them: bilinear | bicubic | box
+    intensity: str = "none"  # none | equalize (see ``equalize``)
 
     def to_unit(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 ``N×H×W`` -> float ``N×1×H×W`` in [0, 1] (augmentation works here)."""
-        return torch.as_tensor(batch).unsqueeze(1).float().div_(255.0)
+        """uint8 ``N×H×W`` -> float ``N×1×H×W`` in [0, 1] (augmentation works here).
+
+        Training, evaluation and every serving runtime pass through here, so the intensity step
+        cannot differ between them.
+        """
+        x = torch.as_tensor(batch)
+        if self.intensity == "equalize":
+            x = equalize(x)
+        return x.unsqueeze(1).float().div_(255.0)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -96,6 +104,18 @@ class Preprocessing:
     def to_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``N×H×W`` -> the normalised float ``N×1×H×W`` a model takes."""
         return self.to_unit(batch).sub_(self.mean).div_(self.std)
+
+
+def equalize(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``N×H×W`` films, each with its grey histogram equalised (torchvision's ``equalize``).
+
+    Why: sources differ in exposure, tone curve and windowing (a scanner's look), which a model can
+    learn instead of the lungs; equalising every film maps each onto the same flat histogram.
+    """
+    from torchvision.transforms.v2.functional import equalize as tv_equalize
+
+    x = torch.as_tensor(batch)
+    return tv_equalize(x.unsqueeze(1)).squeeze(1) if len(x) else x
 
 
 def preprocessing_of(transformation: DataTransformationArtifact, image_size: int = 0) -> Preprocessing:
@@ -112,6 +132,7 @@ def preprocessing_of(transformation: DataTransformationArtifact, image_size: int
         source_crop=transformation.source_crop,
         source_size=transformation.source_size,
         source_filter=transformation.source_filter,
+        intensity=transformation.intensity,
     )
 
 

@@ -187,6 +187,7 @@ class DataTransformationArtifact:
     source_crop: str = "none"
     source_size: int = 0
     source_filter: str = "bilinear"
+    intensity: str = "none"  # none | equalize: applied to every array a model sees (the cached ones are as decoded)
 
     def load_array(self, run_path: Path, key: str) -> np.ndarray:
         """One cached array: ``train_x`` (uint8 N×H×W), ``train_y`` (int64 labels), ``val_x``, … ``test_y``."""

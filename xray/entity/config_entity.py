@@ -49,6 +49,9 @@ class AugmentConfig:
     noise: float = 0.0  # Gaussian noise, std up to this (on the 0..1 scale): noisier exposures
 
 
+INTENSITIES = ("none", "equalize")  # transformation.intensity: what xray.data.preprocessing.Preprocessing applies
+
+
 @dataclass(frozen=True)
 class TransformationConfig:
     image_size: int | str = "auto"  # pixels, or "auto": from the dataset's native resolution
@@ -56,6 +59,7 @@ class TransformationConfig:
     test_fraction: float = 0.15
     seed: int = 42
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    intensity: str = "none"  # none | equalize: each film's grey histogram equalised, in training and serving alike
 
 
 @dataclass(frozen=True)
