@@ -16,6 +16,11 @@ part puts a one-film difference well inside both 95 % intervals), wall time and
 held-out accuracy of each, ``time ratio`` = seed time / xray time, and the CPU kind.
 Goal: ratio >= 5 at accuracy >= the seed's.
 
+``--seed-on-manifest`` (with ``--manifest``) trains the seed recipe on the same pooled films as xray
+(each manifest entry's folders linked under their model classes), and tests it on the Covid19 held-out
+part and on every ``evaluation.external`` source named in ``--set``: the two recipes then meet on equal
+data, which separates a weaker recipe from a harder task.
+
 ``--manifest FILE`` trains xray across sources instead (docs/multi-source.md): the manifest's
 entry for ``--data`` is replaced by the carve's train part (the other entries are kept as they
 are), so the Covid19 held-out films stay unseen, and the seed recipe still trains on the Covid19
@@ -28,6 +33,7 @@ the run's own external checks are then printed per source and class beside the C
     ... --seed-result runs/seed.json               # reuse seed runs on the same carves (they are checked)
     ... --split-seeds 0                            # one carve
     ... --manifest config/multi-source.example.yaml --set 'evaluation.external=[...]'   # across sources
+    ... --manifest config/multi-source.example.yaml --seed-on-manifest --set 'evaluation.external=[...]'
 """
 
 from __future__ import annotations
@@ -76,15 +82,14 @@ def link_image_folders(out: Path, parts: dict[str, list[Path]]) -> None:
         for path in part:
             target = out / name / path.parent.name / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                target.symlink_to(path.resolve())
+            _link(path, target)
 
 
-def run_seed(train: Path, holdout: Path, epochs: int, max_batches: int = 0) -> dict:
+def run_seed(train: Path, holdout: Path, epochs: int, max_batches: int = 0, extra_tests: dict[str, Path] | None = None) -> dict:
     script = SHARED / "reference" / "seed_train_loop.py"
     command = [sys.executable, str(script), str(train), "--test", str(holdout), "--epochs", str(epochs)]
+    for folder in (extra_tests or {}).values():
+        command += ["--test", str(folder)]
     if max_batches:
         command += ["--max-batches", str(max_batches)]
     started = time.perf_counter()
@@ -93,13 +98,73 @@ def run_seed(train: Path, holdout: Path, epochs: int, max_batches: int = 0) -> d
     if proc.returncode != 0:
         raise SystemExit(f"seed recipe failed:\n{proc.stderr[-3000:]}")
     final = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {
+    tests = final.get("tests", {})
+    result = {
         "wall_s": wall,
         "train_s": sum(e["train_s"] for e in final["epochs"]),
         "epochs": epochs,
         "val_acc": final["best_val_acc"],
         "holdout_acc": final["test_acc"],
+        "holdout_per_class": tests.get(str(holdout), {}).get("per_class", {}),
     }
+    if extra_tests:
+        result["external"] = {name: tests[str(folder)]["per_class"] for name, folder in extra_tests.items()}
+    return result
+
+
+def _class_folders(uri: Path, classes: dict[str, str] | None) -> dict[str, list[Path]]:
+    """A folder source's films by model class: ``classes`` maps its folders to classes (None: each folder is one)."""
+    films: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in uri.iterdir() if p.is_dir()):
+        model_class = folder.name if classes is None else classes.get(folder.name)
+        if model_class is not None:
+            films.setdefault(model_class, []).extend(sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES))
+    return films
+
+
+def seed_folders(manifest: Path, external: list[dict], out: Path) -> tuple[Path, dict[str, Path]]:
+    """The carved manifest's films pooled as one ImageFolder (the seed's training data), and each external
+    source as an ImageFolder of its mapped classes (the seed's extra tests)."""
+    import yaml
+
+    pooled = out / "pooled"
+    for entry in yaml.safe_load(manifest.read_text()):
+        uri = Path(entry["uri"])
+        if not uri.is_dir():
+            raise SystemExit(f"--seed-on-manifest: {entry['uri']} is not a local folder")
+        for model_class, films in _class_folders(uri, entry.get("classes")).items():
+            for path in films:  # prefixed by the source, so two sources' file names cannot collide
+                target = pooled / model_class / f"{uri.parent.name}_{uri.name}_{path.name}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link(path, target)
+    tests = {}
+    for source in external:
+        uri = (REPO / source["uri"]) if not Path(source["uri"]).is_absolute() else Path(source["uri"])
+        name = f"{uri.parent.name}/{uri.name}"
+        folder = out / "external" / name.replace("/", "_")
+        for model_class, films in _class_folders(uri, source.get("classes")).items():
+            (folder / model_class).mkdir(parents=True, exist_ok=True)
+            for path in films:
+                _link(path, folder / model_class / path.name)
+        tests[name] = folder
+    return pooled, tests
+
+
+def _link(path: Path, target: Path) -> None:
+    try:
+        os.link(path, target)
+    except OSError:
+        target.symlink_to(path.resolve())
+
+
+def external_sources(overrides: list[str]) -> list[dict]:
+    """The ``evaluation.external`` list named in ``--set`` (the held-back external parts), or []."""
+    import yaml
+
+    for item in overrides:
+        if item.startswith("evaluation.external="):
+            return list(yaml.safe_load(item.split("=", 1)[1]) or [])
+    return []
 
 
 def carve_manifest(manifest: Path, data: Path, train: Path, out: Path) -> Path:
@@ -194,6 +259,10 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
         "chosen": best.name + (f" ({'+'.join(best.members)})" if best.members else ""),
         "selection": evaluation.ensemble.reason if evaluation.ensemble else f"best validation {evaluation.selection_metric}",
         "val_acc": best.validation.accuracy,
+        "val_auc": best.validation.roc_auc,
+        "internal_test_acc": best.test.accuracy,  # the run's own test split: carved from the pooled films
+        "internal_test_auc": best.test.roc_auc,
+        "shortcut": {p.name: round(p.score, 3) for p in evaluation.shortcut.probes} if evaluation.shortcut else {},
         "image_size": trained_size,
         "train_s": round(sum(c.train_seconds for c in trainer.candidates), 1),
         "tta": list(best.tta),
@@ -232,17 +301,32 @@ def load_seed_results(path: Path | None) -> dict[str, dict]:
     return dict(stored.get("carves", {}))
 
 
-def seed_on_carve(args: argparse.Namespace, stored: dict[str, dict], train: Path, holdout: Path, digest: str) -> dict:
-    """The seed recipe's result on this carve: reused when stored for the same carve and epochs, else run."""
-    reuse = stored.get(digest)
+def seed_on_carve(
+    args: argparse.Namespace, stored: dict[str, dict], train: Path, holdout: Path, digest: str, pooled: Path | None = None,
+) -> dict:
+    """The seed recipe's result on this carve: reused when stored for the same carve and epochs, else run.
+
+    With ``--seed-on-manifest`` it trains on the carved manifest ``pooled`` and is stored under a key that
+    adds the manifest's and the external list's digests to the carve's.
+    """
+    external = external_sources(args.overrides)
+    key = digest
+    if pooled is not None:
+        key += "+" + hashlib.sha256(args.manifest.read_bytes() + json.dumps(external).encode()).hexdigest()[:12]
+    reuse = stored.get(key)
     if reuse is not None and (reuse.get("epochs"), reuse.get("max_batches", 0)) == (args.seed_epochs, args.seed_max_batches):
         print(f"seed: reusing {args.seed_result} (measured {reuse['measured_at']} on {reuse['cpu']})", flush=True)
         return reuse
-    seed = run_seed(train, holdout, args.seed_epochs, args.seed_max_batches)
+    if pooled is None:
+        seed = run_seed(train, holdout, args.seed_epochs, args.seed_max_batches)
+    else:
+        pooled_train, tests = seed_folders(pooled, external, pooled.parent / "seed")
+        print(f"seed trains on the manifest's films pooled: {sum(1 for _ in pooled_train.glob('*/*'))} films", flush=True)
+        seed = run_seed(pooled_train, holdout, args.seed_epochs, args.seed_max_batches, tests)
     seed.update(max_batches=args.seed_max_batches, holdout_digest=digest,
                 measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), cpu=cpu_kind())
     if args.seed_result:
-        stored[digest] = seed
+        stored[key] = seed
         args.seed_result.parent.mkdir(parents=True, exist_ok=True)
         args.seed_result.write_text(json.dumps({"carves": stored}, indent=2) + "\n")
     return seed
@@ -272,6 +356,8 @@ def main() -> None:
                         "epochs, checked) and store new ones there")
     parser.add_argument("--manifest", type=Path, help="train xray on this manifest, its --data entry replaced by "
                         "the carve's train part (the seed recipe still trains on that part alone)")
+    parser.add_argument("--seed-on-manifest", action="store_true", help="with --manifest: the seed recipe trains on "
+                        "the same pooled films as xray and is also tested on the evaluation.external sources")
     parser.add_argument("--skip-xray", action="store_true", help="run the seed side only (to fill --seed-result)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="xray config override (not the "
                         "reported figure)")
@@ -286,6 +372,8 @@ def main() -> None:
         raise SystemExit("--split-seeds: name at least one carve")
     if args.manifest is not None and not args.manifest.is_file():
         raise SystemExit(f"--manifest: no such file: {args.manifest}")
+    if args.seed_on_manifest and args.manifest is None:
+        raise SystemExit("--seed-on-manifest: needs --manifest")
     from xray.capability import capability
 
     print(f"CPU: {cpu_kind()}", flush=True)
@@ -297,13 +385,17 @@ def main() -> None:
             train, holdout, digest = carve(args.data, Path(tmp) / "split", args.holdout_fraction, split_seed)
             n_train, n_hold = sum(1 for _ in train.glob("*/*")), sum(1 for _ in holdout.glob("*/*"))
             print(f"carve {split_seed}: train {n_train} films, held-out {n_hold} (stratified, held-out digest {digest})", flush=True)
-            seed = seed_on_carve(args, stored, train, holdout, digest)
-            print("seed:", json.dumps(seed), flush=True)
-            if args.skip_xray:
-                continue
             xray_data = train
             if args.manifest is not None:
                 xray_data = carve_manifest(args.manifest, args.data, train, Path(tmp) / "manifest.yaml")
+            seed = seed_on_carve(args, stored, train, holdout, digest, xray_data if args.seed_on_manifest else None)
+            print("seed:", json.dumps(seed), flush=True)
+            for name, per_class in seed.get("external", {}).items():
+                for model_class, (right, films) in per_class.items():
+                    print(f"  seed external {name} {model_class}: {right}/{films} (recall {right / films:.3f})", flush=True)
+            if args.skip_xray:
+                continue
+            if args.manifest is not None:
                 print(f"xray trains on {args.manifest}, its entry for {args.data} cut to the carve's train part", flush=True)
             ours = run_xray(xray_data, holdout, Path(tmp) / "xray", args.overrides)
             print("xray:", json.dumps({k: v for k, v in ours.items() if k != "external"}), flush=True)
