@@ -263,6 +263,10 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
         "internal_test_acc": best.test.accuracy,  # the run's own test split: carved from the pooled films
         "internal_test_auc": best.test.roc_auc,
         "shortcut": {p.name: round(p.score, 3) for p in evaluation.shortcut.probes} if evaluation.shortcut else {},
+        "ood_suite_refused": f"{sum(k.refused for k in evaluation.ood_suite)}/{sum(k.count for k in evaluation.ood_suite)}",
+        "ood_accepted": {"validation": evaluation.ood.validation_accepted, "test": evaluation.ood.test_accepted,
+                         **evaluation.ood.external_accepted} if evaluation.ood else {},
+        "test_ece": best.test.ece,
         "image_size": trained_size,
         "train_s": round(sum(c.train_seconds for c in trainer.candidates), 1),
         "tta": list(best.tta),
