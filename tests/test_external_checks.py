@@ -8,6 +8,7 @@ the CLI's table, the artifacts, the model card, the refusal and the run page.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import httpx
@@ -74,7 +75,15 @@ def test_partial_maps_give_per_source_recall_misses_auc_and_pooled_figures(tmp_p
     assert check.no_external_films == ("pneumonia",)
     assert check.worst() == ("site-a", normal)
     table = "\n".join(external.external_markdown(check, "m"))
-    assert "| all sources | pneumonia | 0 | no external films |" in table and "| site-a | normal | 4 | 0.2500 | covid 3 |" in table
+    # Wilson, 1 of 4 at 95 %: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)
+    z, n, p = 1.959964, 4, 0.25
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert normal.recall_interval == pytest.approx((centre - half, centre + half), abs=1e-4)
+    assert normal.recall_interval[0] < 0.25 < normal.recall_interval[1]
+    lo, hi = normal.recall_interval
+    assert "| all sources | pneumonia | 0 | no external films |" in table
+    assert f"| site-a | normal | 4 | 0.2500 | [{lo:.3f}, {hi:.3f}] | covid 3 |" in table
+    assert pooled["pneumonia"].recall_interval is None
 
 
 def test_held_back_parts_are_named_after_their_source(tmp_path: Path) -> None:
@@ -247,6 +256,8 @@ def test_the_gate_refuses_naming_source_class_and_figure(refused: dict) -> None:
     assert "model: not pushed (external recall of" in out
     assert "external checks (simple_cnn, serving path):" in out
     assert "pneumonia" in out and "no external films (not gated)" in out and "shortcut check (0 chance" in out
+    low, high = refused["evaluation"].external_check().sources[0].per_class[0].recall_interval
+    assert "95% interval" in out and f"[{low:.3f}, {high:.3f}]" in out  # the CLI prints the recall's interval
 
 
 def test_the_shortcut_gate_names_the_probe_and_figure(refused: dict) -> None:
@@ -301,6 +312,9 @@ def test_the_run_page_shows_the_external_table(refused: dict) -> None:
     assert page.status_code == 200
     html = page.text
     assert 'id="external-table"' in html and "<td>site-a</td><td>normal</td>" in html
+    (first, *_), = [s.per_class for s in refused["evaluation"].external_check().sources[:1]]
+    low, high = first.recall_interval
+    assert "95 % interval" in html and f'<td class="num">[{low:.3f}, {high:.3f}]</td>' in html
     assert "no external films (not gated)" in html and 'id="shortcut"' in html
     assert "not pushed" in html and "external recall of" in html
 

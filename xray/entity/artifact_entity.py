@@ -453,6 +453,8 @@ class ExternalClassResult:
     misses: dict[str, int] = field(default_factory=dict)  # what the missed films were called: model class -> films
     roc_auc: float | None = None  # one-vs-rest against the other classes present; None where fewer than two are
     folders: tuple[str, ...] = ()  # the source's folders mapped to this class (pooled: "source/folder")
+    # 95 % Wilson interval on recall: 38 of 50 is 0.76 but could be 0.63 or 0.86, so one run rarely settles a bar
+    recall_interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ class RunSummary:
         lines: list[str] = []
         if self.external is not None:
             lines += [f"external checks ({self.best_candidate}, serving path):",
-                      f"  {'source':<22} {'class':<18} {'films':>6} {'recall':>7} {'AUC':>7}  misses called"]
+                      f"  {'source':<22} {'class':<18} {'films':>6} {'recall':>7} {'95% interval':>16} {'AUC':>7}  misses called"]
             rows = [(s.name, r) for s in self.external.sources for r in s.per_class]
             rows += [("all sources", r) for r in self.external.pooled]
             lines += [_external_line(source, r) for source, r in rows]
@@ -95,4 +95,5 @@ def _external_line(source: str, r: ExternalClassResult) -> str:
         return f"  {source:<22} {r.model_class:<18} {0:>6}  no external films (not gated)"
     auc = "-" if r.roc_auc is None else f"{r.roc_auc:.4f}"
     misses = ", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1])) or "-"
-    return f"  {source:<22} {r.model_class:<18} {r.films:>6} {r.recall:>7.4f} {auc:>7}  {misses}"
+    interval = "-" if r.recall_interval is None else f"[{r.recall_interval[0]:.3f}, {r.recall_interval[1]:.3f}]"
+    return f"  {source:<22} {r.model_class:<18} {r.films:>6} {r.recall:>7.4f} {interval:>16} {auc:>7}  {misses}"

@@ -185,8 +185,21 @@ def _class_results(
         results.append(ExternalClassResult(
             model_class=name, films=films, correct=correct, recall=correct / films if films else None,
             misses={k: v for k, v in misses.items() if v}, roc_auc=auc, folders=folders.get(name, ()),
+            recall_interval=wilson_interval(correct, films) if films else None,
         ))
     return results
+
+
+def wilson_interval(correct: int, films: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval on ``correct / films`` (scipy): honest at 0 or all right, unlike the normal one."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(correct, films).proportion_ci(confidence_level=level, method="wilson")
+    return round(float(interval.low), 4), round(float(interval.high), 4)
+
+
+def _interval(result: ExternalClassResult) -> str:
+    return "–" if result.recall_interval is None else f"[{result.recall_interval[0]:.3f}, {result.recall_interval[1]:.3f}]"
 
 
 def _macro_auc(results: list[ExternalClassResult]) -> float | None:
@@ -206,18 +219,21 @@ def external_markdown(check: ExternalCheck, model: str) -> list[str]:
     """The external checks as a markdown table: each source's classes, then every class pooled over sources."""
     lines = [
         f"External checks: {model} on films from other sources, through the serving path (`load_for_model`, its TTA).",
-        "", "| source | class | films | recall | misses called | ROC-AUC (one-vs-rest) |", "|---|---|---|---|---|---|",
+        "", "| source | class | films | recall | 95 % interval (Wilson) | misses called | ROC-AUC (one-vs-rest) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for source in check.sources:
         lines += [
-            f"| {source.name} | {r.model_class} | {r.films} | {_figure(r.recall)} | {_misses(r)} | {_figure(r.roc_auc)} |"
+            f"| {source.name} | {r.model_class} | {r.films} | {_figure(r.recall)} | {_interval(r)} | {_misses(r)} | {_figure(r.roc_auc)} |"
             for r in source.per_class
         ]
     for r in check.pooled:
         if r.films:
-            lines.append(f"| all sources | {r.model_class} | {r.films} | {_figure(r.recall)} | {_misses(r)} | {_figure(r.roc_auc)} |")
+            lines.append(
+                f"| all sources | {r.model_class} | {r.films} | {_figure(r.recall)} | {_interval(r)} | {_misses(r)} | {_figure(r.roc_auc)} |"
+            )
         else:
-            lines.append(f"| all sources | {r.model_class} | 0 | no external films | – | – |")
+            lines.append(f"| all sources | {r.model_class} | 0 | no external films | – | – | – |")
     lines.append("")
     for source in check.sources:
         auc = f"; ROC-AUC {source.roc_auc:.4f} (macro one-vs-rest over its classes)" if source.roc_auc is not None else (
