@@ -70,7 +70,7 @@ class ExternalRow:
     misses: str  # "Covid 149, Viral Pneumonia 1"
     roc_auc: float | None
     pooled: bool = False
-    interval: str = "–"  # the recall's 95 % Wilson interval, "[0.626, 0.857]"
+    interval: str = "-"  # the recall's 95 % Wilson interval, "[0.626, 0.857]"
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def external_rows(evaluation: ModelEvaluationArtifact | None) -> tuple[ExternalR
     return tuple(
         ExternalRow(
             source=name, model_class=r.model_class, films=r.films, recall=r.recall, roc_auc=r.roc_auc, pooled=pooled,
-            interval=f"[{r.recall_interval[0]:.3f}, {r.recall_interval[1]:.3f}]" if r.recall_interval else "–",
+            interval=r.interval_text(),
             misses=", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1])) or "–",
         )
         for name, r, pooled in rows

@@ -198,10 +198,6 @@ def wilson_interval(correct: int, films: int, level: float = 0.95) -> tuple[floa
     return round(float(interval.low), 4), round(float(interval.high), 4)
 
 
-def _interval(result: ExternalClassResult) -> str:
-    return "–" if result.recall_interval is None else f"[{result.recall_interval[0]:.3f}, {result.recall_interval[1]:.3f}]"
-
-
 def _macro_auc(results: list[ExternalClassResult]) -> float | None:
     values = [r.roc_auc for r in results if r.roc_auc is not None]
     return float(np.mean(values)) if values else None
@@ -224,13 +220,13 @@ def external_markdown(check: ExternalCheck, model: str) -> list[str]:
     ]
     for source in check.sources:
         lines += [
-            f"| {source.name} | {r.model_class} | {r.films} | {_figure(r.recall)} | {_interval(r)} | {_misses(r)} | {_figure(r.roc_auc)} |"
+            f"| {source.name} | {r.model_class} | {r.films} | {_figure(r.recall)} | {r.interval_text()} | {_misses(r)} | {_figure(r.roc_auc)} |"
             for r in source.per_class
         ]
     for r in check.pooled:
         if r.films:
             lines.append(
-                f"| all sources | {r.model_class} | {r.films} | {_figure(r.recall)} | {_interval(r)} | {_misses(r)} | {_figure(r.roc_auc)} |"
+                f"| all sources | {r.model_class} | {r.films} | {_figure(r.recall)} | {r.interval_text()} | {_misses(r)} | {_figure(r.roc_auc)} |"
             )
         else:
             lines.append(f"| all sources | {r.model_class} | 0 | no external films | – | – | – |")
