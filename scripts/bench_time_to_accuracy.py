@@ -274,14 +274,6 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
     }
 
 
-def wilson_interval(correct: int, total: int) -> tuple[float, float]:
-    """95 % interval of an accuracy on ``total`` films: one film of 63 is well inside it."""
-    from scipy.stats import binomtest
-
-    interval = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
-    return interval.low, interval.high
-
-
 class CarveResult(NamedTuple):
     split_seed: int
     seed: dict
@@ -338,13 +330,15 @@ def seed_on_carve(
 
 def print_comparison(title: str, rows: list[CarveResult]) -> None:
     """Films right, wall times and their ratio summed over ``rows`` (one carve, or all of them pooled)."""
+    from xray.evaluation.external import wilson_interval
+
     seed_wall, xray_wall = sum(r.seed["wall_s"] for r in rows), sum(r.xray["wall_s"] for r in rows)
     seed_right, xray_right = sum(r.seed_right for r in rows), sum(r.xray["holdout_correct"] for r in rows)
     total = sum(r.films for r in rows)
     print(f"{title}: held-out seed {seed_right}/{total}, xray {xray_right}/{total}; "
           f"wall seed {seed_wall:.1f} s, xray {xray_wall:.1f} s; time ratio (seed / xray wall) {seed_wall / xray_wall:.2f}x")
     for name, right in (("seed", seed_right), ("xray", xray_right)):
-        low, high = wilson_interval(right, total)
+        low, high = wilson_interval(right, total)  # one film of 63 is well inside it
         print(f"  {name} held-out accuracy {right / total:.4f}, 95% Wilson interval [{low:.3f}, {high:.3f}]")
 
 

@@ -91,7 +91,7 @@ def external_rows(evaluation: ModelEvaluationArtifact | None) -> tuple[ExternalR
         ExternalRow(
             source=name, model_class=r.model_class, films=r.films, recall=r.recall, roc_auc=r.roc_auc, pooled=pooled,
             interval=r.interval_text(),
-            misses=", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1])) or "–",
+            misses=r.misses_text() or "–",
         )
         for name, r, pooled in rows
     )

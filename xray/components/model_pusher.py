@@ -149,7 +149,7 @@ def generalization_reasons(evaluation: ModelEvaluationArtifact, gate: GateConfig
         for result in source.per_class:
             floor = _recall_floor(gate, result.model_class)
             if floor is not None and result.recall is not None and result.recall < floor:
-                called = ", ".join(f"{k} {v}" for k, v in sorted(result.misses.items(), key=lambda kv: -kv[1]))
+                called = result.misses_text()
                 reasons.append(
                     f"external recall of {result.model_class} on {source.name} {result.recall:.4f} "
                     f"({result.correct} of {result.films}; misses called {called}) is below {_recall_key(gate, result.model_class)} {floor}"

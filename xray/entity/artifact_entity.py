@@ -456,6 +456,10 @@ class ExternalClassResult:
     # 95 % Wilson interval on recall: 38 of 50 is 0.76 but could be 0.63 or 0.86, so one run rarely settles a bar
     recall_interval: tuple[float, float] | None = None
 
+    def misses_text(self) -> str:
+        """What the missed films were called, most first: "Covid 149, Viral Pneumonia 1" ("" where none were missed)."""
+        return ", ".join(f"{name} {n}" for name, n in sorted(self.misses.items(), key=lambda kv: -kv[1]))
+
     def interval_text(self) -> str:
         """The recall's interval as every report prints it: "[0.626, 0.857]", or "-" where there is none."""
         return "-" if self.recall_interval is None else f"[{self.recall_interval[0]:.3f}, {self.recall_interval[1]:.3f}]"

@@ -94,5 +94,5 @@ def _external_line(source: str, r: ExternalClassResult) -> str:
     if not r.films:
         return f"  {source:<22} {r.model_class:<18} {0:>6}  no external films (not gated)"
     auc = "-" if r.roc_auc is None else f"{r.roc_auc:.4f}"
-    misses = ", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1])) or "-"
+    misses = r.misses_text() or "-"
     return f"  {source:<22} {r.model_class:<18} {r.films:>6} {r.recall:>7.4f} {r.interval_text():>16} {auc:>7}  {misses}"

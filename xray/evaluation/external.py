@@ -185,17 +185,20 @@ def _class_results(
         results.append(ExternalClassResult(
             model_class=name, films=films, correct=correct, recall=correct / films if films else None,
             misses={k: v for k, v in misses.items() if v}, roc_auc=auc, folders=folders.get(name, ()),
-            recall_interval=wilson_interval(correct, films) if films else None,
+            recall_interval=tuple(round(bound, 4) for bound in wilson_interval(correct, films)) if films else None,
         ))
     return results
 
 
 def wilson_interval(correct: int, films: int, level: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval on ``correct / films`` (scipy): honest at 0 or all right, unlike the normal one."""
+    """The Wilson score interval on ``correct / films`` (scipy): honest at 0 or all right, unlike the normal one.
+
+    Also what ``scripts/bench_time_to_accuracy.py`` puts on held-out accuracies.
+    """
     from scipy.stats import binomtest
 
     interval = binomtest(correct, films).proportion_ci(confidence_level=level, method="wilson")
-    return round(float(interval.low), 4), round(float(interval.high), 4)
+    return float(interval.low), float(interval.high)
 
 
 def _macro_auc(results: list[ExternalClassResult]) -> float | None:
@@ -208,7 +211,7 @@ def _figure(value: float | None) -> str:
 
 
 def _misses(result: ExternalClassResult) -> str:
-    return ", ".join(f"{name} {n}" for name, n in sorted(result.misses.items(), key=lambda kv: -kv[1])) or "–"
+    return result.misses_text() or "–"
 
 
 def external_markdown(check: ExternalCheck, model: str) -> list[str]:

@@ -373,7 +373,7 @@ def _generalization_limitations(external: ExternalCheck | None, shortcut: Shortc
     for source in external.sources:
         for r in source.per_class:
             if r.recall is not None and r.recall < 0.5:
-                called = ", ".join(f"{k} {v}" for k, v in sorted(r.misses.items(), key=lambda kv: -kv[1]))
+                called = r.misses_text()
                 notes.append(
                     f"On {source.name}, only {r.correct} of {r.films} {r.model_class} films were called {r.model_class} "
                     f"(recall {r.recall:.4f}); the others were called {called}."
