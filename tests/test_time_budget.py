@@ -8,13 +8,15 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from xray.config import parse_duration
 from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, TrainingPlan
 from xray.entity.config_entity import AugmentConfig
 from xray.errors import ConfigError
-from xray.data.preprocessing import Preprocessing
+from xray.components import model_trainer
+from xray.data.preprocessing import Preprocessing, equalize, resize_batch
 from xray.training.budget import (
     MIN_SCALED_BUDGET_S,
     MIN_USEFUL_EPOCHS,
@@ -26,6 +28,7 @@ from xray.training.budget import (
     planned_schedule,
 )
 from xray.training.fit import TrainingData, fit
+from xray.training.ranks import Ranks
 
 from .conftest import run_cli, tiny_args
 from .test_trainer import FAST, separable
@@ -206,3 +209,19 @@ def test_a_scaled_estimate_follows_the_models_own_cost_not_the_pixel_count() -> 
     # 4 s per epoch gives 5 epochs < floor: shrink to 96 (8 s), then to 64 (16 s), then nothing is left to cut.
     assert [t.seconds_per_epoch for t in plan.timings] == [4.0, 8.0, 16.0]
     assert plan.image_size == 64 and plan.candidates[0].planned_epochs == 1
+
+
+def test_cross_validation_folds_are_cut_at_the_size_the_budget_trains_at(tmp_path: Path) -> None:
+    """The folds come from the arrays after the plan's resize (and the intensity step after it, as serving
+    orders them): cut before, they trained at the cached size while the model was recorded at the smaller one."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((16, 96, 96)) ** 2 * 255).astype(np.uint8)
+    y = (np.arange(16) % 2).astype(np.int64)
+    data = TrainingData(x[:12], y[:12], x[12:], y[12:], ("a", "b"), Preprocessing(96, 0.5, 0.25, intensity="equalize"),
+                        AugmentConfig(hflip=False, rotation_degrees=0))
+    cfg = dataclasses.replace(FAST, cv_folds=2, time_budget="1s", budget_per_image=0.0)
+    training = model_trainer._prepare(cfg, lambda: data, tmp_path, Ranks())
+    assert training.plan is not None and training.plan.image_size == 64  # 1 s fits nothing at 96 px
+    assert training.data.train_x.shape[1:] == (64, 64) and training.folds is not None
+    assert np.array_equal(training.folds.x, equalize(resize_batch(x, 64)).numpy())
+    assert training.data.preprocessing.intensity == "none"  # done once on the arrays, not again per batch

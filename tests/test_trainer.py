@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from xray.training.fit import (
     AUC_MONITOR_MIN_PER_CLASS,
@@ -13,6 +14,7 @@ from xray.training.fit import (
     cell_weights,
     ema_decay,
     fit,
+    intensity_once,
     resolve_monitor,
     small_data_batch,
     stretch_schedule,
@@ -144,3 +146,20 @@ def test_a_weighted_fit_runs_and_learns() -> None:
     result = fit("simple_cnn", data, dataclasses.replace(FAST, epochs=3))
     assert all(np.isfinite(r.train_loss) and r.train_loss > 0 for r in result.history)
     assert result.history[-1].val_accuracy == 1.0
+
+
+def test_intensity_done_once_gives_every_batch_the_same_pixels_as_per_batch() -> None:
+    rng = np.random.default_rng(3)
+    train_x = (rng.random((12, 24, 24)) ** 3 * 200).astype(np.uint8)  # dark, skewed histograms: equalising moves them
+    val_x = (rng.random((4, 24, 24)) ** 2 * 255).astype(np.uint8)
+    y = np.arange(12) % 2
+    per_batch = TrainingData(train_x, y, val_x, y[:4], ("a", "b"), Preprocessing(24, 0.5, 0.25, intensity="equalize"),
+                             AugmentConfig())
+    once = intensity_once(per_batch)
+    assert once.preprocessing.intensity == "none" and per_batch.preprocessing.intensity == "equalize"
+    assert not np.array_equal(once.train_x, train_x)  # the step was done on the arrays ...
+    assert once.train_x.dtype == np.uint8 and once.train_x.shape == train_x.shape
+    for a, b in ((once.train_x, train_x), (once.val_x, val_x)):  # ... and the model sees exactly what it saw per batch
+        assert torch.equal(once.preprocessing.to_tensor(a), per_batch.preprocessing.to_tensor(b))
+    plain = dataclasses.replace(per_batch, preprocessing=Preprocessing(24, 0.5, 0.25))
+    assert intensity_once(plain) is plain

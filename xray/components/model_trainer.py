@@ -34,7 +34,7 @@ from xray.pipeline.store import fingerprint as fingerprint_of, load_typed, new_h
 from xray.training import cross_validation
 from xray.training.budget import at_size, candidate_deadline, make_plan, planned_schedule
 from xray.training.cross_validation import CandidateCV, FoldPlan
-from xray.training.fit import FitResult, TrainingData, batch_plan, fit, small_data_batch
+from xray.training.fit import FitResult, TrainingData, batch_plan, fit, intensity_once, small_data_batch
 from xray.training.ranks import Ranks
 from xray.typed import from_mapping, to_jsonable
 
@@ -144,9 +144,13 @@ def _prepare(cfg: TrainerConfig, load, run_path: Path, ranks: Ranks) -> _Trainin
             len(data.train_y), cfg.batch_size, config_batch, cfg.learning_rate,
             batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)[2],
         )
-    folds = cross_validation.plan_folds(data, cfg.cv_folds, cfg.seed) if cfg.cv_folds >= 2 else None
-    plan, deadline = make_plan(cfg, data, folds is not None, ranks, started)
-    return _Training(cfg, at_size(data, plan.image_size) if plan else data, folds, plan, deadline)
+    cross_validated = cfg.cv_folds >= 2
+    if cross_validated:
+        cross_validation.check_folds(data.train_y, data.val_y, data.class_names, cfg.cv_folds)  # before minutes of measuring
+    plan, deadline = make_plan(cfg, intensity_once(data), cross_validated, ranks, started)
+    data = intensity_once(at_size(data, plan.image_size) if plan else data)  # resized first, as serving does
+    folds = cross_validation.plan_folds(data, cfg.cv_folds, cfg.seed) if cross_validated else None  # at the trained size
+    return _Training(cfg, data, folds, plan, deadline)
 
 
 def _train_each(

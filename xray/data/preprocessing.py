@@ -93,10 +93,15 @@ class Preprocessing:
         Training, evaluation and every serving runtime pass through here, so the intensity step
         cannot differ between them.
         """
-        x = torch.as_tensor(batch)
-        if self.intensity == "equalize":
-            x = equalize(x)
+        x = self.intensity_applied(torch.as_tensor(batch))
         return x.unsqueeze(1).float().div_(255.0)
+
+    def intensity_applied(self, batch: np.ndarray | torch.Tensor) -> Any:
+        """uint8 ``N×H×W`` with the intensity step done (the same type back: training caches it as arrays)."""
+        if self.intensity == "none":
+            return batch
+        out = equalize(batch)
+        return out.numpy() if isinstance(batch, np.ndarray) else out
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

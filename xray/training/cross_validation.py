@@ -71,15 +71,21 @@ class CandidateCV:
     monitor: str  # the metric each fold's best epoch was chosen on (trainer.monitor, auto resolved)
 
 
-def plan_folds(data: TrainingData, k: int, seed: int) -> FoldPlan:
-    y = np.concatenate([data.train_y, data.val_y])
-    counts = np.bincount(y, minlength=len(data.class_names))
+def check_folds(train_y: np.ndarray, val_y: np.ndarray, class_names: tuple[str, ...], k: int) -> None:
+    """A DataError unless every class has at least ``k`` images in train+val."""
+    counts = np.bincount(np.concatenate([train_y, val_y]), minlength=len(class_names))
     if counts.min() < k:
         short = int(counts.argmin())
         raise DataError(
             f"trainer.cv_folds={k} needs at least {k} images of every class in train+val; "
-            f"{data.class_names[short]} has {int(counts[short])}"
+            f"{class_names[short]} has {int(counts[short])}"
         )
+
+
+def plan_folds(data: TrainingData, k: int, seed: int) -> FoldPlan:
+    """The k stratified folds over train+val, on the arrays as given (the caller resizes them first)."""
+    check_folds(data.train_y, data.val_y, data.class_names, k)
+    y = np.concatenate([data.train_y, data.val_y])
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = tuple((train, held) for train, held in splitter.split(np.zeros(len(y)), y))
     return FoldPlan(
