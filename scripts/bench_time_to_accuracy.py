@@ -269,6 +269,9 @@ def score_like_serving(run_dir: Path, holdout: Path, model_dir: Path) -> dict:
         "test_ece": best.test.ece,
         "image_size": trained_size,
         "train_s": round(sum(c.train_seconds for c in trainer.candidates), 1),
+        "plan": {"budget_s": trainer.plan.time_budget_s, "target_s": trainer.plan.training_target_s,
+                 "epochs": {c.name: f"{c.planned_epochs}/{c.wanted_epochs}" for c in trainer.plan.candidates}}
+        if trainer.plan else None,  # the time budget's plan: where two runs of one config differ, it usually starts here
         "tta": list(best.tta),
         "precision": loaded.precision,
     }

@@ -7,6 +7,7 @@ the CLI's table, the artifacts, the model card, the refusal and the run page.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -299,6 +300,12 @@ def test_the_ood_gate_reports_what_it_accepts_of_each_external_source(refused: d
     card = json.loads((out / "model_card.json").read_text())
     assert card["quantitative_analysis"]["ood_gate"]["external_accepted"].keys() == {"site-a", "site-b"}
     assert f"{gate.external_accepted['site-b']:.3f} of external site-b" in (out / "comparison.md").read_text()
+    # the test films behind test_accepted are named, each a film of the test split above the threshold
+    test_rows = [json.loads(line) for line in (refused["run_dir"] / "data_transformation" / "splits.jsonl").open()]
+    test_refs = {row["ref"]: row["label"] for row in test_rows if row["split"] == "test"}
+    assert len(gate.test_refused) == round((1 - gate.test_accepted) * len(test_refs))
+    assert all(test_refs[f.ref] == f.label and f.score > gate.threshold for f in gate.test_refused)
+    assert card["quantitative_analysis"]["ood_gate"]["test_refused"] == [dataclasses.asdict(f) for f in gate.test_refused]
 
 
 def test_the_run_page_shows_the_external_table(refused: dict) -> None:

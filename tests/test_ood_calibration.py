@@ -22,7 +22,7 @@ from xray.entity.artifact_entity import OODGate
 from xray.errors import ConfigError
 from xray.evaluation.calibration import fit_temperature
 from xray.evaluation.metrics import expected_calibration_error
-from xray.evaluation.ood import acceptance_threshold, fit_detector
+from xray.evaluation.ood import acceptance_threshold, fit_detector, refused_films, refused_text
 from xray.models.builders import build_ensemble, build_model, logits_and_features
 from xray.pipeline.store import sha256_file
 from xray.serving import predict as one_path
@@ -228,3 +228,15 @@ def test_an_unknown_warn_code_is_refused_with_its_name(tmp_path: Path) -> None:
 def test_bad_ood_and_calibration_values_are_refused_with_the_key_named(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_config(REPO / "config" / "pipeline.yaml", [override])
+
+
+def test_the_refused_test_films_are_named_highest_score_first() -> None:
+    rows = [{"ref": f"Covid/{i}.png", "label": "Covid" if i % 2 else "Normal"} for i in range(6)]
+    scores = np.array([0.2, 1.7, 0.9, 1.0, 3.25, 0.99])
+    films = refused_films(scores, 0.99, rows)  # exactly at the threshold is accepted, as serving accepts it
+    assert [(f.ref, f.label, f.score) for f in films] == [("Covid/4.png", "Normal", 3.25), ("Covid/1.png", "Covid", 1.7),
+                                                          ("Covid/3.png", "Covid", 1.0)]
+    assert refused_text(films, limit=2) == "Covid/4.png (Normal, score 3.2500), Covid/1.png (Covid, score 1.7000), and 1 more"
+    assert refused_films(scores, 5.0, rows) == ()
+    with pytest.raises(ValueError, match="6 scores for 5 split rows"):
+        refused_films(scores, 0.99, rows[:5])

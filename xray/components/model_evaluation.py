@@ -53,7 +53,7 @@ from xray.serving.inference import (
 from xray.serving import predict as one_path
 from xray.models.ood import OOD_FILE, OODDetector
 from xray.serving.serving_model import LoadedModel, ModelSpec
-from xray.evaluation.ood import fit_detector
+from xray.evaluation.ood import fit_detector, refused_films, refused_text
 from xray.evaluation.calibration import fit_temperature, reliability_curve
 from xray.evaluation.metrics import compute_metrics, expected_calibration_error
 from xray.models.builders import ENSEMBLE, flat_ensemble, load_candidate
@@ -389,7 +389,9 @@ def _fit_ood(
     detector = fit_detector(
         features["train"], train_y, features["val"], len(scorer.classes), cfg.ood_acceptance, cfg.ood_confidence
     )
-    accepted = {split: float(np.mean(detector.scores(features[split]) <= detector.threshold)) for split in ("val", "test")}
+    scores = {split: detector.scores(features[split]) for split in ("val", "test")}
+    accepted = {split: float(np.mean(scores[split] <= detector.threshold)) for split in ("val", "test")}
+    test_refused = refused_films(scores["test"], detector.threshold, split_rows(run_dir.path, transformation, "test"))
     external_accepted: dict[str, float] = {}
     if external is not None:
         kept = detector.scores(predict_proba_and_features(model, external.pixels, scorer.preprocessing, scorer.device)[1])
@@ -403,12 +405,16 @@ def _fit_ood(
         feature_dims=tuple(int(m.means.shape[1]) for m in detector.members),
         file=run_dir.relative(path), sha256=sha256_file(path),
         validation_accepted=accepted["val"], test_accepted=accepted["test"], external_accepted=external_accepted,
+        test_refused=test_refused,
     )
     logger.info(
         "OOD score (%s, %d member%s): threshold %.4f accepts %.3f of validation, %.3f of test%s",
         gate.method, len(detector.members), "s" if len(detector.members) > 1 else "", gate.threshold,
         gate.validation_accepted, gate.test_accepted, _external_accepted_text(gate),
     )
+    if test_refused:
+        logger.info("OOD score refused %d test film%s: %s", len(test_refused), "s" if len(test_refused) > 1 else "",
+                    refused_text(test_refused))
     return gate, detector
 
 

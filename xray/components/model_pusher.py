@@ -222,7 +222,8 @@ def model_spec(
         tta=best.tta,
         seal_digest=seal_digest,
         temperature=best.calibration.temperature if best.calibration else None,
-        ood=dataclasses.replace(evaluation.ood, file=OOD_FILE) if evaluation.ood else None,
+        # the refused test films' names stay in the run's evidence: /metadata serves model.json's gate to any caller
+        ood=dataclasses.replace(evaluation.ood, file=OOD_FILE, test_refused=()) if evaluation.ood else None,
         input_gate=input_gate,
     )
 

@@ -411,6 +411,15 @@ class RuntimeExport:
 
 
 @dataclass(frozen=True)
+class RefusedFilm:
+    """A film of the run's own test split that the OOD score refused: in-distribution, so an auditor looks at it."""
+
+    ref: str  # the film's path in the snapshot (splits.jsonl ``ref``)
+    label: str
+    score: float  # the (combined) OOD score; above the gate's threshold
+
+
+@dataclass(frozen=True)
 class OODGate:
     """The model's own OOD score as shipped (``xray.models.ood``): ``score <= threshold`` is accepted."""
 
@@ -426,6 +435,7 @@ class OODGate:
     # evaluation.external's films accepted by this score, per source name (the input checks come on top at serving)
     external_accepted: dict[str, float] = field(default_factory=dict)
     confidence: float = 0.0  # evaluation.ood_confidence: the fitted quantile's upper bound at this confidence; 0: none
+    test_refused: tuple[RefusedFilm, ...] = ()  # the test films behind ``test_accepted`` < 1, highest score first
 
 
 @dataclass(frozen=True)

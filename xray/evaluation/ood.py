@@ -16,6 +16,7 @@ import numpy as np
 from scipy import stats
 from sklearn.covariance import LedoitWolf
 
+from xray.entity.artifact_entity import RefusedFilm
 from xray.errors import DataError
 from xray.models.ood import MemberStats, OODDetector
 
@@ -93,3 +94,21 @@ def fit_detector(
     )
     provisional = OODDetector(members, 1.0)
     return OODDetector(members, acceptance_threshold(provisional.scores(val_features), acceptance, confidence))
+
+
+def refused_films(scores: np.ndarray, threshold: float, rows: list[dict]) -> tuple[RefusedFilm, ...]:
+    """The films whose score is above ``threshold``, highest first, named by their split rows (array order).
+
+    The test split's refusals are in-distribution films turned away: which ones, not only how many,
+    is what tells a tail film from a fault (one source's films, one class, a damaged file).
+    """
+    if len(scores) != len(rows):
+        raise ValueError(f"{len(scores)} scores for {len(rows)} split rows")
+    refused = sorted(np.flatnonzero(scores > threshold), key=lambda i: -scores[i])
+    return tuple(RefusedFilm(rows[i]["ref"], rows[i]["label"], round(float(scores[i]), 4)) for i in refused)
+
+
+def refused_text(films: tuple[RefusedFilm, ...] | list[RefusedFilm], limit: int = 5) -> str:
+    """``Covid/a.jpg (Covid, score 1.0234), ...``: one format for the log and the model card."""
+    shown = ", ".join(f"{f.ref} ({f.label}, score {f.score:.4f})" for f in films[:limit])
+    return shown + (f", and {len(films) - limit} more" if len(films) > limit else "")
