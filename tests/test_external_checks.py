@@ -20,14 +20,15 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from tests.app_helpers import READ_TOKEN, new_server
-from xray.components.model_pusher import generalization_reasons
+from xray.components.model_pusher import generalization_reasons, model_spec
 from xray.config import load_config
 from xray.data.preprocessing import Preprocessing, load_pixels
+from xray.entity.artifact_entity import DataIngestionArtifact, DataTransformationArtifact, RefusedFilm
 from xray.entity.config_entity import ExternalSource, GateConfig
 from xray.errors import ConfigError
 from xray.serving.inference import predict_proba
-from xray.evaluation import external, shortcut
-from xray.pipeline.store import load_artifact
+from xray.evaluation import external, model_card, shortcut
+from xray.pipeline.store import load_artifact, load_typed
 
 from .conftest import run_cli, tiny_args
 from .data_builders import acquisition_folder, class_folder
@@ -305,7 +306,22 @@ def test_the_ood_gate_reports_what_it_accepts_of_each_external_source(refused: d
     test_refs = {row["ref"]: row["label"] for row in test_rows if row["split"] == "test"}
     assert len(gate.test_refused) == round((1 - gate.test_accepted) * len(test_refs))
     assert all(test_refs[f.ref] == f.label and f.score > gate.threshold for f in gate.test_refused)
-    assert card["quantitative_analysis"]["ood_gate"]["test_refused"] == [dataclasses.asdict(f) for f in gate.test_refused]
+    assert card["quantitative_analysis"]["ood_gate"]["test_refused"] == len(gate.test_refused)
+
+
+def test_the_refused_test_films_stay_in_the_run_not_in_what_callers_read(refused: dict) -> None:
+    """model.json (and through it /metadata and the MLflow export) and the model card travel with the pushed
+    model and are served to any caller; the films' names stay in the run's evaluation artifact."""
+    run_dir, evaluation = refused["run_dir"], refused["evaluation"]
+    films = (RefusedFilm("normal/patient-0042.png", "normal", 3.5), RefusedFilm("covid/x.png", "covid", 1.25))
+    named = dataclasses.replace(evaluation, ood=dataclasses.replace(evaluation.ood, test_refused=films))
+    ingestion = load_typed(DataIngestionArtifact, run_dir / "data_ingestion" / "artifact.json")
+    transformation = load_typed(DataTransformationArtifact, run_dir / "data_transformation" / "artifact.json")
+    spec = model_spec(run_dir.name, ingestion, transformation, named, run_dir / named.best_checkpoint)
+    assert spec.ood is not None and spec.ood.test_refused == () and spec.ood.threshold == evaluation.ood.threshold
+    section = model_card._ood_gate(named.ood, named.ood_suite)  # the card's OOD section for this evaluation
+    assert section is not None and section["test_refused"] == 2 and "patient-0042" not in json.dumps(section)
+    assert "patient-0042" not in "\n".join(model_card._ood_lines(section))
 
 
 def test_the_run_page_shows_the_external_table(refused: dict) -> None:

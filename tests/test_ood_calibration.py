@@ -238,5 +238,7 @@ def test_the_refused_test_films_are_named_highest_score_first() -> None:
                                                           ("Covid/3.png", "Covid", 1.0)]
     assert refused_text(films, limit=2) == "Covid/4.png (Normal, score 3.2500), Covid/1.png (Covid, score 1.7000), and 1 more"
     assert refused_films(scores, 5.0, rows) == ()
+    with_nan = refused_films(np.array([0.2, np.nan, 0.5, 0.1, 0.3, 2.0]), 0.99, rows)  # NaN is not accepted: refused
+    assert [f.ref for f in with_nan] == ["Covid/1.png", "Covid/5.png"]
     with pytest.raises(ValueError, match="6 scores for 5 split rows"):
         refused_films(scores, 0.99, rows[:5])

@@ -147,7 +147,7 @@ def _prepare(cfg: TrainerConfig, load, run_path: Path, ranks: Ranks) -> _Trainin
     cross_validated = cfg.cv_folds >= 2
     if cross_validated:
         cross_validation.check_folds(data.train_y, data.val_y, data.class_names, cfg.cv_folds)  # before minutes of measuring
-    plan, deadline = make_plan(cfg, intensity_once(data), cross_validated, ranks, started)
+    plan, deadline = make_plan(cfg, data, cross_validated, ranks, started)
     data = intensity_once(at_size(data, plan.image_size) if plan else data)  # resized first, as serving does
     folds = cross_validation.plan_folds(data, cfg.cv_folds, cfg.seed) if cross_validated else None  # at the trained size
     return _Training(cfg, data, folds, plan, deadline)

@@ -40,6 +40,7 @@ IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
 IMAGE_SUFFIXES = (*(suffix for suffixes in IMAGE_FORMATS.values() for suffix in suffixes), *DICOM_SUFFIXES)
 ACCEPTED = ", ".join([*IMAGE_FORMATS, "DICOM"])
 DEFAULT_MAX_PIXELS = 50_000_000  # far above any radiograph, far below a decompression bomb
+INTENSITY_CHUNK = 256  # films equalised at a time when a whole array is done at once (training's arrays)
 
 
 class UnsupportedImageFormat(ImageDecodeError):
@@ -97,11 +98,18 @@ class Preprocessing:
         return x.unsqueeze(1).float().div_(255.0)
 
     def intensity_applied(self, batch: np.ndarray | torch.Tensor) -> Any:
-        """uint8 ``N×H×W`` with the intensity step done (the same type back: training caches it as arrays)."""
+        """uint8 ``N×H×W`` with the intensity step done (the same type back: training caches it as arrays).
+
+        An array is done in chunks: torchvision's equalize works in int64, eight times the films' bytes.
+        """
         if self.intensity == "none":
             return batch
-        out = equalize(batch)
-        return out.numpy() if isinstance(batch, np.ndarray) else out
+        if isinstance(batch, torch.Tensor):
+            return equalize(batch)
+        out = np.empty_like(batch)
+        for start in range(0, len(batch), INTENSITY_CHUNK):
+            out[start : start + INTENSITY_CHUNK] = equalize(batch[start : start + INTENSITY_CHUNK]).numpy()
+        return out
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -25,12 +25,10 @@ from xray.entity.artifact_entity import (
     OODGate,
     OODSuiteKind,
     OperatingPoint,
-    RefusedFilm,
     ShortcutCheck,
     SubgroupMetrics,
 )
 from xray.evaluation.external import external_markdown
-from xray.evaluation.ood import refused_text
 from xray.evaluation.shortcut import shortcut_markdown
 from xray.typed import from_mapping, to_jsonable
 
@@ -166,7 +164,8 @@ def _ood_gate(ood: OODGate | None, suite: tuple[OODSuiteKind, ...]) -> dict[str,
         "validation_accepted": _number(ood.validation_accepted),
         "test_accepted": _number(ood.test_accepted),
         "external_accepted": {name: _number(share) for name, share in ood.external_accepted.items()},
-        "test_refused": [asdict(f) for f in ood.test_refused],
+        # how many only: the card travels with the pushed model and /metadata serves it to any caller
+        "test_refused": len(ood.test_refused),
         "suite": [{"kind": k.kind, "inputs": k.count, "refused": k.refused, "refusal_rate": _number(k.refusal_rate),
                    "refused_by_ood_score": k.refused_by_ood_score} for k in suite],
     }
@@ -305,8 +304,8 @@ def _ood_lines(ood: dict[str, Any] | None) -> list[str]:
         + "".join(f", external {name} {share}" for name, share in ood.get("external_accepted", {}).items()) + ".", "",
     ]
     if ood.get("test_refused"):
-        films = [RefusedFilm(**f) for f in ood["test_refused"]]
-        lines += [f"Test films refused by the score ({len(films)}): {refused_text(films)}.", ""]
+        lines += [f"Test films refused by the score: {ood['test_refused']}, named in the run's evaluation artifact "
+                  "(`ood.test_refused`).", ""]
     if ood["suite"]:
         lines += ["| OOD suite kind | inputs | refused | rate |", "|---|---|---|---|"]
         lines += [f"| {k['kind']} | {k['inputs']} | {k['refused']} | {k['refusal_rate']} |" for k in ood["suite"]] + [""]

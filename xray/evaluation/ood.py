@@ -97,18 +97,19 @@ def fit_detector(
 
 
 def refused_films(scores: np.ndarray, threshold: float, rows: list[dict]) -> tuple[RefusedFilm, ...]:
-    """The films whose score is above ``threshold``, highest first, named by their split rows (array order).
+    """The films not accepted (score above ``threshold``, or NaN), highest first, named by their split rows (array order).
 
     The test split's refusals are in-distribution films turned away: which ones, not only how many,
     is what tells a tail film from a fault (one source's films, one class, a damaged file).
     """
     if len(scores) != len(rows):
         raise ValueError(f"{len(scores)} scores for {len(rows)} split rows")
-    refused = sorted(np.flatnonzero(scores > threshold), key=lambda i: -scores[i])
+    order = np.argsort(-np.nan_to_num(scores, nan=np.inf), kind="stable")
+    refused = [i for i in order if not scores[i] <= threshold]  # a NaN score is not accepted either
     return tuple(RefusedFilm(rows[i]["ref"], rows[i]["label"], round(float(scores[i]), 4)) for i in refused)
 
 
 def refused_text(films: tuple[RefusedFilm, ...] | list[RefusedFilm], limit: int = 5) -> str:
-    """``Covid/a.jpg (Covid, score 1.0234), ...``: one format for the log and the model card."""
+    """``Covid/a.jpg (Covid, score 1.0234), ...``: the run log's line (the model card gives the count only)."""
     shown = ", ".join(f"{f.ref} ({f.label}, score {f.score:.4f})" for f in films[:limit])
     return shown + (f", and {len(films) - limit} more" if len(films) > limit else "")

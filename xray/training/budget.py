@@ -320,11 +320,13 @@ def time_candidate(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(cfg.seed)
-    prep = dataclasses.replace(data.preprocessing, image_size=size)
+    # training does the intensity step once on its arrays (fit.intensity_once), so the steps timed here skip it too
+    prep = dataclasses.replace(data.preprocessing, image_size=size, intensity="none")
     model.train()
 
     def probe_batch(images: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(resize_batch(data.train_x[:images], size)), torch.from_numpy(data.train_y[:images])
+        pixels = data.preprocessing.intensity_applied(resize_batch(data.train_x[:images], size))
+        return torch.from_numpy(pixels), torch.from_numpy(data.train_y[:images])
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         train_step(model, criterion, optimizer, prep, data.augment, *batch, generator, device, precision, cfg.channels_last)
