@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from xray.training.budget import (
     forward_flops_ratio,
     plan_training,
     planned_schedule,
+    replayed,
 )
 from xray.training.fit import TrainingData, fit
 from xray.training.ranks import Ranks
@@ -225,3 +227,63 @@ def test_cross_validation_folds_are_cut_at_the_size_the_budget_trains_at(tmp_pat
     assert training.data.train_x.shape[1:] == (64, 64) and training.folds is not None
     assert np.array_equal(training.folds.x, equalize(resize_batch(x, 64)).numpy())
     assert training.data.preprocessing.intensity == "none"  # done once on the arrays, not again per batch
+
+
+def _plan(candidates: tuple[str, ...] = ("simple_cnn", "densenet121"), size: int = 96, steps: int = 11) -> TrainingPlan:
+    return TrainingPlan(
+        time_budget_s=260.0, training_target_s=215.0, capability="cpu: test", source_image_size=128, image_size=size,
+        steps_per_epoch=steps, timings=(timing("simple_cnn", size, 3.0),),
+        candidates=tuple(CandidatePlan(name, 37, 13 + i, 40.0) for i, name in enumerate(candidates)),
+        decisions=("image size 128 -> 96 px: ...",), planning_seconds=6.0,
+    )
+
+
+def test_a_replayed_plan_is_the_recorded_one_with_its_origin_said() -> None:
+    recorded = _plan()
+    again = replayed(recorded, "run-1", ["simple_cnn", "densenet121"], 128, 11)
+    assert again.image_size == 96 and again.candidates == recorded.candidates and again.timings == recorded.timings
+    assert again.planning_seconds == 0.0 and again.decisions[:-1] == recorded.decisions
+    assert again.decisions[-1].startswith("replayed from run-1: 96 px, simple_cnn 13 epochs, densenet121 14 epochs")
+
+
+def test_a_plan_that_does_not_fit_the_run_is_refused_naming_each_mismatch() -> None:
+    with pytest.raises(ConfigError) as refused:
+        replayed(_plan(), "run-1", ["simple_cnn"], 64, 9)
+    message = str(refused.value)
+    assert message.startswith("trainer.replay_plan run-1: cannot be replayed here:")
+    assert "it planned simple_cnn, densenet121, this run trains simple_cnn" in message
+    assert "planned on 128 px arrays, these are 64 px" in message and "had 11 steps, this run's have 9" in message
+
+
+def test_a_run_replays_another_runs_plan_and_bad_plans_are_clear_errors(tmp_path: Path) -> None:
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first = run_cli("train", "--data", "demo", *tiny_args(first_dir, "trainer.epochs=1000", "trainer.time_budget=4s",
+                                                            "trainer.precise_bn_images=16"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_one,) = [p for p in first_dir.iterdir() if (p / "manifest.json").is_file()]
+    recorded = json.loads((run_one / "model_trainer" / "artifact.json").read_text())["plan"]
+    # replayed: the same size and epochs, nothing measured, no deadline (time_budget none does not matter)
+    second = run_cli("train", "--data", "demo", *tiny_args(second_dir, "trainer.epochs=1000", "trainer.time_budget=none",
+                                                             "trainer.precise_bn_images=16", f"trainer.replay_plan={run_one}"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    (run_two,) = [p for p in second_dir.iterdir() if (p / "manifest.json").is_file()]
+    trainer = json.loads((run_two / "model_trainer" / "artifact.json").read_text())
+    plan = trainer["plan"]
+    assert plan["image_size"] == recorded["image_size"] and plan["candidates"] == recorded["candidates"]
+    assert plan["decisions"][-1].startswith(f"replayed from {run_one.name}:") and plan["planning_seconds"] == 0.0
+    (candidate,) = trainer["candidates"]
+    assert not candidate["stopped_by_budget"]
+    # bad input: a path that is not there, a file that is not a trainer artifact, a plan for other candidates
+    missing = run_cli("train", "--data", "demo", *tiny_args(tmp_path / "x", f"trainer.replay_plan={tmp_path / 'nope'}"))
+    assert missing.returncode == 2 and "trainer.replay_plan" in missing.stderr and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "x").exists()
+    not_a_plan = tmp_path / "plan.json"
+    not_a_plan.write_text('{"hello": 1}')
+    for where, expected in ((not_a_plan, "not a run's trainer artifact"),
+                            (run_one, "cannot be replayed here: it planned simple_cnn, this run trains simple_cnn, densenet121")):
+        bad = run_cli("train", "--data", "demo",
+                      *tiny_args(tmp_path / "bad", "trainer.candidates=[simple_cnn,densenet121]", f"trainer.replay_plan={where}"))
+        assert bad.returncode != 0 and expected in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        failed = [p for p in (tmp_path / "bad").iterdir() if (p / "manifest.json").is_file()]
+        assert all(json.loads((p / "manifest.json").read_text())["status"] == "failed" for p in failed) and failed
+        shutil.rmtree(tmp_path / "bad")

@@ -194,6 +194,9 @@ def validate(config: PipelineConfig) -> None:
     if not (0 < t.val_fraction < 1 and 0 < t.test_fraction < 1 and t.val_fraction + t.test_fraction < 0.9):
         raise ConfigError("config: val_fraction and test_fraction must be in (0, 1) and sum below 0.9")
     parse_duration(trainer.time_budget, "trainer.time_budget")
+    if trainer.replay_plan and not Path(trainer.replay_plan).exists():  # the rest is checked where it is read
+        raise ConfigError(f"config: trainer.replay_plan {trainer.replay_plan!r} does not exist (a run directory, or its "
+                          "model_trainer/artifact.json)")
     if trainer.cv_folds == 1 or trainer.cv_folds < 0:
         raise ConfigError("config: trainer.cv_folds must be 0 (off) or at least 2")
     _validate_clinical(config)

@@ -28,6 +28,7 @@ from xray.data.preprocessing import preprocessing_of
 from xray.data.snapshot import split_rows
 from xray.entity.artifact_entity import CandidateModel, DataTransformationArtifact, ModelTrainerArtifact, TrainingPlan
 from xray.entity.config_entity import AugmentConfig, PipelineConfig, TrainerConfig
+from xray.errors import ConfigError, XrayError
 from xray.models.builders import build_model, count_parameters
 from xray.pipeline.stage import Inputs, ProgressFn, StageContext
 from xray.pipeline.store import fingerprint as fingerprint_of, load_typed, new_header, stage_code_hash
@@ -147,10 +148,25 @@ def _prepare(cfg: TrainerConfig, load, run_path: Path, ranks: Ranks) -> _Trainin
     cross_validated = cfg.cv_folds >= 2
     if cross_validated:
         cross_validation.check_folds(data.train_y, data.val_y, data.class_names, cfg.cv_folds)  # before minutes of measuring
-    plan, deadline = make_plan(cfg, data, cross_validated, ranks, started)
+    plan, deadline = make_plan(cfg, data, cross_validated, ranks, started, recorded_plan(cfg.replay_plan))
     data = intensity_once(at_size(data, plan.image_size) if plan else data)  # resized first, as serving does
     folds = cross_validation.plan_folds(data, cfg.cv_folds, cfg.seed) if cross_validated else None  # at the trained size
     return _Training(cfg, data, folds, plan, deadline)
+
+
+def recorded_plan(where: str) -> tuple[TrainingPlan, str] | None:
+    """trainer.replay_plan: (the TrainingPlan an earlier run recorded, where it came from), or None when unset."""
+    if not where:
+        return None
+    path = Path(where)
+    path = path / STAGE / "artifact.json" if path.is_dir() else path
+    try:
+        artifact = load_typed(ModelTrainerArtifact, path)
+    except (XrayError, OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"trainer.replay_plan {where}: not a run's trainer artifact ({exc})") from None
+    if artifact.plan is None:
+        raise ConfigError(f"trainer.replay_plan {where}: that run trained without a time budget, so it recorded no plan")
+    return artifact.plan, artifact.header.run_id
 
 
 def _train_each(

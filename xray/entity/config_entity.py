@@ -86,6 +86,7 @@ class TrainerConfig:
     num_threads: int = 0  # 0: all cores
     time_budget: str | float = "15m"  # 90s | 10m | 1h | none (0): the whole training stage fits in it
     budget_per_image: float = 0.8  # > 0: the budget is at most this many seconds per training image (small data, short run)
+    replay_plan: str = ""  # an earlier run's directory (or its model_trainer/artifact.json): train its recorded plan again
     max_batches_per_epoch: int = 0  # 0: no limit (smoke runs and benchmarks)
     seed: int = 0
     cv_folds: int = 0  # >= 2: stratified k-fold on train+val for the candidate choice

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from xray.capability import capability
 from xray.config import parse_duration
+from xray.errors import ConfigError
 from xray.entity.artifact_entity import CandidatePlan, CandidateTiming, DroppedCandidate, TrainingPlan
 from xray.entity.config_entity import TrainerConfig
 from xray.serving.inference import choose_precision, predict_logits, prepare_model
@@ -235,13 +236,45 @@ def candidate_deadline(plan: TrainingPlan, name: str, now: float, stage_deadline
     return now + max(0.0, stage_deadline - now) * share
 
 
+def replayed(recorded: TrainingPlan, origin: str, candidates: Sequence[str], source_size: int, steps_per_epoch: int) -> TrainingPlan:
+    """An earlier run's plan to train again as recorded: its image size and epochs, no measuring, no deadline.
+
+    Why: a plan comes from timings, so two runs of one config on one machine can differ (an epoch
+    more, or 96 px instead of 128 near a threshold), and a figure that moved between them cannot say
+    whether the plan or the training moved it. Replayed, only the latter can. It must fit this run:
+    the same candidates, arrays of the size it was planned on, and epochs of the same length.
+    """
+    planned = [c.name for c in recorded.candidates] + [d.name for d in recorded.dropped]
+    problems = []
+    if sorted(planned) != sorted(candidates):
+        problems.append(f"it planned {', '.join(planned)}, this run trains {', '.join(candidates)}")
+    if recorded.source_image_size != source_size:
+        problems.append(f"it was planned on {recorded.source_image_size} px arrays, these are {source_size} px")
+    if recorded.steps_per_epoch != steps_per_epoch:
+        problems.append(f"its epochs had {recorded.steps_per_epoch} steps, this run's have {steps_per_epoch}")
+    if problems:
+        raise ConfigError(f"trainer.replay_plan {origin}: cannot be replayed here: {'; '.join(problems)}")
+    decision = f"replayed from {origin}: {recorded.image_size} px, " + ", ".join(
+        f"{c.name} {c.planned_epochs} epochs" for c in recorded.candidates
+    ) + "; nothing measured, no deadline"
+    logger.info("time budget: %s", decision)
+    return dataclasses.replace(recorded, decisions=(*recorded.decisions, decision), planning_seconds=0.0)
+
+
 def make_plan(
-    cfg: TrainerConfig, data: TrainingData, cross_validated: bool, ranks: Ranks, started: float
+    cfg: TrainerConfig, data: TrainingData, cross_validated: bool, ranks: Ranks, started: float,
+    replay: tuple[TrainingPlan, str] | None = None,
 ) -> tuple[TrainingPlan | None, float | None]:
     """(plan, training deadline on time.monotonic()) under trainer.time_budget; (None, None) without one.
 
+    ``replay``: (a recorded plan, where it came from) for trainer.replay_plan, trained with no deadline.
     Rank 0 measures and plans; under DDP the other ranks receive its plan, so all train the same schedule.
     """
+    if replay is not None:
+        batches = batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)[2]
+        if cfg.max_batches_per_epoch:
+            batches = min(batches, cfg.max_batches_per_epoch)
+        return replayed(*replay, cfg.candidates, data.preprocessing.image_size, batches), None
     budget = parse_duration(cfg.time_budget)
     if budget is None:
         return None, None
