@@ -240,7 +240,7 @@ def _plan(candidates: tuple[str, ...] = ("simple_cnn", "densenet121"), size: int
 
 def test_a_replayed_plan_is_the_recorded_one_with_its_origin_said() -> None:
     recorded = _plan()
-    again = replayed(recorded, "run-1", ["simple_cnn", "densenet121"], 128, 11)
+    again = replayed(recorded, "run-1", ["simple_cnn", "densenet121"], 128, 11, 37)
     assert again.image_size == 96 and again.candidates == recorded.candidates and again.timings == recorded.timings
     assert again.planning_seconds == 0.0 and again.decisions[:-1] == recorded.decisions
     assert again.decisions[-1].startswith("replayed from run-1: 96 px, simple_cnn 13 epochs, densenet121 14 epochs")
@@ -248,8 +248,9 @@ def test_a_replayed_plan_is_the_recorded_one_with_its_origin_said() -> None:
 
 def test_a_plan_that_does_not_fit_the_run_is_refused_naming_each_mismatch() -> None:
     with pytest.raises(ConfigError) as refused:
-        replayed(_plan(), "run-1", ["simple_cnn"], 64, 9)
+        replayed(_plan(), "run-1", ["simple_cnn"], 64, 9, 1000)
     message = str(refused.value)
+    assert "planned for a schedule of 37 epochs (trainer.epochs, stretched by min_steps), this run's is 1000" in message
     assert message.startswith("trainer.replay_plan run-1: cannot be replayed here:")
     assert "it planned simple_cnn, densenet121, this run trains simple_cnn" in message
     assert "planned on 128 px arrays, these are 64 px" in message and "had 11 steps, this run's have 9" in message
@@ -257,29 +258,31 @@ def test_a_plan_that_does_not_fit_the_run_is_refused_naming_each_mismatch() -> N
 
 def test_a_run_replays_another_runs_plan_and_bad_plans_are_clear_errors(tmp_path: Path) -> None:
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    first = run_cli("train", "--data", "demo", *tiny_args(first_dir, "trainer.epochs=1000", "trainer.time_budget=4s",
-                                                            "trainer.precise_bn_images=16"))
+    once = ("trainer.epochs=1000", "trainer.precise_bn_images=16", "trainer.early_stopping_patience=0")  # every epoch runs
+    first = run_cli("train", "--data", "demo", *tiny_args(first_dir, *once, "trainer.time_budget=4s"))
     assert first.returncode == 0, first.stderr[-2000:]
     (run_one,) = [p for p in first_dir.iterdir() if (p / "manifest.json").is_file()]
     recorded = json.loads((run_one / "model_trainer" / "artifact.json").read_text())["plan"]
     # replayed: the same size and epochs, nothing measured, no deadline (time_budget none does not matter)
-    second = run_cli("train", "--data", "demo", *tiny_args(second_dir, "trainer.epochs=1000", "trainer.time_budget=none",
-                                                             "trainer.precise_bn_images=16", f"trainer.replay_plan={run_one}"))
+    second = run_cli("train", "--data", "demo", *tiny_args(second_dir, *once, "trainer.time_budget=1s",
+                                                             f"trainer.replay_plan={run_one}"))
     assert second.returncode == 0, second.stderr[-2000:]
     (run_two,) = [p for p in second_dir.iterdir() if (p / "manifest.json").is_file()]
     trainer = json.loads((run_two / "model_trainer" / "artifact.json").read_text())
     plan = trainer["plan"]
     assert plan["image_size"] == recorded["image_size"] and plan["candidates"] == recorded["candidates"]
     assert plan["decisions"][-1].startswith(f"replayed from {run_one.name}:") and plan["planning_seconds"] == 0.0
-    (candidate,) = trainer["candidates"]
+    (candidate,) = trainer["candidates"]  # a 1 s budget would cut it: a replay has no deadline
     assert not candidate["stopped_by_budget"]
+    assert not candidate["stopped_early"] and len(candidate["history"]) == recorded["candidates"][0]["planned_epochs"]
     # bad input: a path that is not there, a file that is not a trainer artifact, a plan for other candidates
     missing = run_cli("train", "--data", "demo", *tiny_args(tmp_path / "x", f"trainer.replay_plan={tmp_path / 'nope'}"))
     assert missing.returncode == 2 and "trainer.replay_plan" in missing.stderr and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "x").exists()
-    not_a_plan = tmp_path / "plan.json"
+    not_a_plan, not_a_mapping = tmp_path / "plan.json", tmp_path / "null.json"
     not_a_plan.write_text('{"hello": 1}')
-    for where, expected in ((not_a_plan, "not a run's trainer artifact"),
+    not_a_mapping.write_text("null")
+    for where, expected in ((not_a_plan, "not a run's trainer artifact"), (not_a_mapping, "not a run's trainer artifact"),
                             (run_one, "cannot be replayed here: it planned simple_cnn, this run trains simple_cnn, densenet121")):
         bad = run_cli("train", "--data", "demo",
                       *tiny_args(tmp_path / "bad", "trainer.candidates=[simple_cnn,densenet121]", f"trainer.replay_plan={where}"))

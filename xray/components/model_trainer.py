@@ -60,6 +60,9 @@ class _Training:
 def fingerprint(config: PipelineConfig, inputs: Inputs) -> str:
     """World size is part of the fingerprint only when > 1, so single-process fingerprints are unchanged."""
     params = to_jsonable(config.trainer)
+    replay = recorded_plan(config.trainer.replay_plan)
+    if replay is not None:  # keyed on the plan itself, not on the path that named it
+        params = {"trainer": params, "replayed_plan": to_jsonable(replay[0])}
     if inputs.world_size > 1:
         params = {"trainer": params, "world_size": inputs.world_size}
     upstream = [inputs.get(DataTransformationArtifact).header.fingerprint]
@@ -162,7 +165,7 @@ def recorded_plan(where: str) -> tuple[TrainingPlan, str] | None:
     path = path / STAGE / "artifact.json" if path.is_dir() else path
     try:
         artifact = load_typed(ModelTrainerArtifact, path)
-    except (XrayError, OSError, ValueError, TypeError, KeyError) as exc:
+    except (XrayError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # any JSON that is not one
         raise ConfigError(f"trainer.replay_plan {where}: not a run's trainer artifact ({exc})") from None
     if artifact.plan is None:
         raise ConfigError(f"trainer.replay_plan {where}: that run trained without a time budget, so it recorded no plan")

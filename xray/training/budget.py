@@ -236,13 +236,17 @@ def candidate_deadline(plan: TrainingPlan, name: str, now: float, stage_deadline
     return now + max(0.0, stage_deadline - now) * share
 
 
-def replayed(recorded: TrainingPlan, origin: str, candidates: Sequence[str], source_size: int, steps_per_epoch: int) -> TrainingPlan:
+def replayed(
+    recorded: TrainingPlan, origin: str, candidates: Sequence[str], source_size: int, steps_per_epoch: int, wanted_epochs: int
+) -> TrainingPlan:
     """An earlier run's plan to train again as recorded: its image size and epochs, no measuring, no deadline.
 
     Why: a plan comes from timings, so two runs of one config on one machine can differ (an epoch
     more, or 96 px instead of 128 near a threshold), and a figure that moved between them cannot say
     whether the plan or the training moved it. Replayed, only the latter can. It must fit this run:
-    the same candidates, arrays of the size it was planned on, and epochs of the same length.
+    the same candidates, arrays of the size it was planned on, epochs of the same length, and the
+    same wanted schedule (warmup and patience are shortened in proportion to it: ``planned_schedule``).
+    What it replays is the plan: a recorded run that its deadline cut short is replayed to the end.
     """
     planned = [c.name for c in recorded.candidates] + [d.name for d in recorded.dropped]
     problems = []
@@ -252,6 +256,10 @@ def replayed(recorded: TrainingPlan, origin: str, candidates: Sequence[str], sou
         problems.append(f"it was planned on {recorded.source_image_size} px arrays, these are {source_size} px")
     if recorded.steps_per_epoch != steps_per_epoch:
         problems.append(f"its epochs had {recorded.steps_per_epoch} steps, this run's have {steps_per_epoch}")
+    recorded_wanted = sorted({c.wanted_epochs for c in recorded.candidates})
+    if recorded_wanted and recorded_wanted != [wanted_epochs]:
+        problems.append(f"it was planned for a schedule of {recorded_wanted[0]} epochs (trainer.epochs, stretched by "
+                        f"min_steps), this run's is {wanted_epochs}")
     if problems:
         raise ConfigError(f"trainer.replay_plan {origin}: cannot be replayed here: {'; '.join(problems)}")
     decision = f"replayed from {origin}: {recorded.image_size} px, " + ", ".join(
@@ -274,7 +282,7 @@ def make_plan(
         batches = batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)[2]
         if cfg.max_batches_per_epoch:
             batches = min(batches, cfg.max_batches_per_epoch)
-        return replayed(*replay, cfg.candidates, data.preprocessing.image_size, batches), None
+        return replayed(*replay, cfg.candidates, data.preprocessing.image_size, batches, stretch_schedule(cfg, batches).epochs), None
     budget = parse_duration(cfg.time_budget)
     if budget is None:
         return None, None
