@@ -278,10 +278,10 @@ def make_plan(
     ``replay``: (a recorded plan, where it came from) for trainer.replay_plan, trained with no deadline.
     Rank 0 measures and plans; under DDP the other ranks receive its plan, so all train the same schedule.
     """
+    _, batch_size, batches = batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)
+    if cfg.max_batches_per_epoch:
+        batches = min(batches, cfg.max_batches_per_epoch)
     if replay is not None:
-        batches = batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)[2]
-        if cfg.max_batches_per_epoch:
-            batches = min(batches, cfg.max_batches_per_epoch)
         return replayed(*replay, cfg.candidates, data.preprocessing.image_size, batches, stretch_schedule(cfg, batches).epochs), None
     budget = parse_duration(cfg.time_budget)
     if budget is None:
@@ -294,9 +294,6 @@ def make_plan(
             torch.set_num_threads(cfg.num_threads)
         device = ranks.device()
         precision = choose_precision(device, cfg.precision)
-        _, batch_size, batches = batch_plan(len(data.train_y), cfg.batch_size, ranks.world_size)
-        if cfg.max_batches_per_epoch:
-            batches = min(batches, cfg.max_batches_per_epoch)
         repeats = cfg.cv_folds + (cfg.cv_final_model == "retrain") if cross_validated else 1  # each fold (and a retrain)
 
         def measure(name: str, size: int) -> CandidateTiming:
