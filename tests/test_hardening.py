@@ -68,6 +68,7 @@ HOSTILE_OVERRIDES = [
     "gate..min_roc_auc=0",  # spelled oddly, still gate.min_roc_auc
     " gate.min_roc_auc =0",
     "trainer={weights: /etc/passwd}",  # a whole section at once
+    "trainer.replay_plan=/etc/passwd",  # reads a file on the server, as trainer.weights does
 ]
 
 
